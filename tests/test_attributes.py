@@ -1,0 +1,55 @@
+import pandas as pd
+import pytest
+
+from skinlib import attributes
+
+
+def test_registry_covers_the_papers_16_attributes():
+    # Table 1 of the paper, by SLICE-3D column.
+    table1 = {
+        "tbp_lv_areaMM2", "tbp_lv_minorAxisMM", "tbp_lv_norm_color", "tbp_lv_radial_color_std_max",
+        "tbp_lv_deltaB", "tbp_lv_deltaL", "tbp_lv_deltaLB", "tbp_lv_stdLExt", "clin_size_long_diam_mm",
+        "tbp_lv_perimeterMM", "tbp_lv_norm_border", "tbp_lv_area_perim_ratio", "tbp_lv_A", "tbp_lv_Aext",
+        "tbp_lv_B", "tbp_lv_Bext",
+    }
+    assert set(attributes.COLUMNS) == table1
+    assert len(attributes.ATTRIBUTES) == 16
+    assert len(set(attributes.NAMES)) == 16
+    assert len({a.question for a in attributes.ATTRIBUTES}) == 16
+
+
+def test_columns_exist_in_the_real_release(fixtures_dir):
+    header = pd.read_csv(fixtures_dir / "isic2024-train-sample/train-metadata.csv", nrows=0).columns
+    assert set(attributes.COLUMNS) <= set(header)
+    header = pd.read_csv(fixtures_dir / "isic2024-test-metadata.csv", nrows=0).columns
+    assert set(attributes.COLUMNS) <= set(header)
+
+
+def test_lookup_by_name_or_column_and_clear_error():
+    assert attributes.get("areaMM2") is attributes.get("tbp_lv_areaMM2")
+    with pytest.raises(KeyError, match="unknown attribute 'area'.*areaMM2"):
+        attributes.get("area")
+    assert attributes.resolve(None) == attributes.ATTRIBUTES
+    assert [a.name for a in attributes.resolve(["A", "B"])] == ["A", "B"]
+
+
+@pytest.mark.parametrize("value,decimals,text", [(5.678, 1, "5.7"), (-7.46, 2, "-7.46"), (-0.001, 2, "0.00"),
+                                                 (12.0, 2, "12.00")])
+def test_answer_is_digits_in_the_registry_format(value, decimals, text):
+    att = next(a for a in attributes.ATTRIBUTES if a.decimals == decimals)
+    assert att.format_answer(value) == text
+    assert float(att.format_answer(value)) == pytest.approx(value, abs=10 ** -decimals)
+
+
+def test_answer_rejects_non_finite():
+    with pytest.raises(ValueError, match="areaMM2"):
+        attributes.get("areaMM2").format_answer(float("nan"))
+
+
+def test_named_renames_and_reports_missing_columns(fixtures_dir):
+    raw = pd.read_csv(fixtures_dir / "isic2024-train-sample/train-metadata.csv")
+    named = attributes.named(raw)
+    assert list(named.columns) == ["isic_id", "patient_id", *attributes.NAMES]
+    assert named["areaMM2"].tolist() == raw["tbp_lv_areaMM2"].tolist()
+    with pytest.raises(KeyError, match="tbp_lv_deltaLB"):
+        attributes.named(raw.drop(columns="tbp_lv_deltaLB"))

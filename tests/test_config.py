@@ -1,0 +1,38 @@
+import pytest
+import yaml
+
+from skinlib import config
+
+
+def test_profiles_load_and_inherit():
+    default, smoke, paper = (config.load_profile(p) for p in ("default", "smoke", "paper"))
+    assert smoke["data"]["n_images"] < default["data"]["n_images"]
+    assert smoke["data"]["source"] == default["data"]["source"] == "phantom"  # inherited
+    assert paper["data"]["source"] == "slice3d"
+    assert paper["data"]["image_h5"].endswith("train-image.hdf5")
+
+
+def test_overrides_none_keeps_unknown_key_fails():
+    sec = config.section("smoke", "data", n_images=None, split_seed=7)
+    assert sec["n_images"] == config.load_profile("smoke")["data"]["n_images"]
+    assert sec["split_seed"] == 7
+    with pytest.raises(KeyError, match="n_imgs"):
+        config.section("smoke", "data", n_imgs=3)
+
+
+def test_unknown_profile_and_loop(tmp_path):
+    with pytest.raises(KeyError, match="unknown profile 'nope'.*default"):
+        config.load_profile("nope")
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text(yaml.safe_dump({"name": "a", "inherit": str(b)}))
+    b.write_text(yaml.safe_dump({"name": "b", "inherit": str(a)}))
+    with pytest.raises(ValueError, match="loops"):
+        config.load_profile(a)
+
+
+def test_paths_are_derived_from_the_run_folder(tmp_path):
+    assert config.run_dir("smoke").name == "smoke"
+    assert config.manifest_path(tmp_path) == tmp_path / "01_data" / "manifest.parquet"
+    assert config.resolve_path("x/y").is_absolute()
+    with pytest.raises(KeyError, match="unknown stage"):
+        config.stage_dir(tmp_path, "99_nothing")
