@@ -88,3 +88,15 @@ def resolve(names) -> tuple[Attribute, ...]:
     if isinstance(names, str):
         names = [names]
     return tuple(get(n) for n in names)
+
+
+def named(frame, keep=("isic_id", "patient_id")):
+    """A metadata frame with the 16 attribute columns renamed to the short names (registry order),
+    plus the `keep` columns that exist. A missing attribute column is an error naming it."""
+    missing = [a.column for a in ATTRIBUTES if a.column not in frame.columns]
+    if missing:
+        raise KeyError(f"metadata lacks attribute columns: {', '.join(missing)}")
+    cols = [c for c in keep if c in frame.columns]
+    out = frame[cols + list(COLUMNS)].copy()
+    out.columns = cols + list(NAMES)
+    return out

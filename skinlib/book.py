@@ -1,0 +1,80 @@
+"""Render the book from a run folder's executed notebooks.
+
+    python -m skinlib.book --run runs/default
+
+The book shows papermill's executed copies as they are (it never re-executes): they are copied
+into book/run/, papermill's injected-parameters cell is hidden, and Jupyter Book 1.x builds
+_build/html with warnings as errors.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+
+from . import config
+
+BOOK_FILES = ("_config.yml", "_toc.yml", "book")
+
+
+def collect(run: str | Path, dest: Path) -> list[Path]:
+    """Copy every stage's executed notebook into `dest`; a missing one is an error naming it."""
+    run = Path(run)
+    missing = [s for s in config.STAGE_NAMES if not (config.stage_dir(run, s) / f"{s}.ipynb").exists()]
+    if missing:
+        raise FileNotFoundError(f"run folder {run} lacks executed notebooks for stages {', '.join(missing)}; "
+                                f"run `python -m skinlib.run --out {run}` first")
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    out = []
+    for stage in config.STAGE_NAMES:
+        nb = nbformat.read(config.stage_dir(run, stage) / f"{stage}.ipynb", as_version=4)
+        for cell in nb.cells:
+            tags = cell.metadata.setdefault("tags", [])
+            if "injected-parameters" in tags and "remove-cell" not in tags:
+                tags.append("remove-cell")
+        path = dest / f"{stage}.ipynb"
+        nbformat.write(nb, path)
+        out.append(path)
+    return out
+
+
+def build(run: str | Path, root: str | Path | None = None, strict: bool = True) -> Path:
+    """Build the book of `run` in `root` (default: the repository; a test passes a scratch folder,
+    into which the book's sources are copied). Returns the html folder."""
+    root = Path(root) if root else config.REPO_ROOT
+    if root.resolve() != config.REPO_ROOT.resolve():
+        for name in BOOK_FILES:
+            src = config.REPO_ROOT / name
+            if src.is_dir():
+                shutil.copytree(src, root / name, dirs_exist_ok=True, ignore=shutil.ignore_patterns("run"))
+            else:
+                shutil.copy2(src, root / name)
+    collect(run, root / "book" / "run")
+    exe = Path(sys.executable).with_name("jupyter-book")
+    cmd = [str(exe), "build", str(root)] + (["-W", "-n", "--keep-going"] if strict else [])
+    subprocess.run(cmd, check=True)
+    return root / "_build" / "html"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", default=None, help="run folder (default runs/default)")
+    ap.add_argument("--no-strict", action="store_true", help="do not fail on warnings")
+    a = ap.parse_args(argv)
+    try:
+        html = build(a.run or config.run_dir("default"), strict=not a.no_strict)
+    except (FileNotFoundError, subprocess.CalledProcessError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"book: {html / 'index.html'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""Profiles (one YAML each, in skinlib/profiles/) and the paths derived from a run folder.
+
+A profile may `inherit` another and override any key; notebook parameters override the profile
+(None means "take the profile's value"). Paths are derived here and nowhere else.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import yaml
+
+PROFILE_DIR = Path(__file__).parent / "profiles"
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# Stages of the chain, in order: (stage name, notebook source, profile sections it reads).
+# A stage's cache key covers only its own sections, so tuning a later stage keeps earlier ones.
+STAGES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("00_phantom", "notebooks/00_phantom.py", ("reference",)),
+    ("01_data", "notebooks/01_data.py", ("data", "reference")),
+)
+STAGE_NAMES: tuple[str, ...] = tuple(s[0] for s in STAGES)
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = copy.deepcopy(v)
+    return out
+
+
+def profile_path(profile: str | os.PathLike) -> Path:
+    p = Path(profile)
+    if p.suffix in (".yaml", ".yml"):
+        if not p.exists():
+            raise FileNotFoundError(f"profile file {p} does not exist")
+        return p
+    p = PROFILE_DIR / f"{profile}.yaml"
+    if not p.exists():
+        known = sorted(q.stem for q in PROFILE_DIR.glob("*.yaml"))
+        raise KeyError(f"unknown profile {profile!r}; known: {', '.join(known)} (or give a .yaml path)")
+    return p
+
+
+def load_profile(profile: str | os.PathLike = "default", _seen: tuple = ()) -> dict:
+    """The profile as a nested dict, with `inherit` resolved."""
+    path = profile_path(profile)
+    if path in _seen:
+        raise ValueError(f"profile inheritance loops: {' -> '.join(map(str, _seen + (path,)))}")
+    with open(path) as f:
+        cfg = yaml.safe_load(f) or {}
+    if not isinstance(cfg, dict):
+        raise ValueError(f"profile {path}: top level must be a mapping")
+    parent = cfg.pop("inherit", None)
+    if parent:
+        cfg = _merge(load_profile(parent, _seen + (path,)), cfg)
+    return cfg
+
+
+def section(profile: str | os.PathLike | dict, name: str, **overrides) -> dict:
+    """One section of a profile (e.g. "data") with notebook overrides applied.
+
+    Overrides that are None keep the profile's value; an override the profile does not know is an
+    error (a typo in a papermill -p would otherwise be silently ignored).
+    """
+    cfg = profile if isinstance(profile, dict) else load_profile(profile)
+    if name not in cfg:
+        raise KeyError(f"profile {cfg.get('name')!r} has no section {name!r}")
+    sec = copy.deepcopy(cfg[name])
+    for k, v in overrides.items():
+        if k not in sec:
+            raise KeyError(f"parameter {k!r} is not a key of profile section {name!r}; known: {', '.join(sec)}")
+        if v is not None:
+            sec[k] = v
+    return sec
+
+
+def run_dir(profile: str | os.PathLike | dict, out: str | os.PathLike | None = None) -> Path:
+    """The run folder: `out` if given, else runs/<profile name> under the repository."""
+    if out:
+        return Path(out)
+    cfg = profile if isinstance(profile, dict) else load_profile(profile)
+    return REPO_ROOT / "runs" / cfg["name"]
+
+
+def stage_dir(run: str | os.PathLike, stage: str) -> Path:
+    if stage not in STAGE_NAMES:
+        raise KeyError(f"unknown stage {stage!r}; known: {', '.join(STAGE_NAMES)}")
+    return Path(run) / stage
+
+
+# Artifacts, derived from the run folder.
+def phantom_dir(run) -> Path:
+    return stage_dir(run, "01_data") / "phantom"
+
+
+def manifest_path(run) -> Path:
+    return stage_dir(run, "01_data") / "manifest.parquet"
+
+
+def exclusions_path(run) -> Path:
+    return stage_dir(run, "01_data") / "exclusions.csv"
+
+
+def set_threads(n: int) -> None:
+    """Pin torch's intra-op threads: on 2 cores, oversubscription slows training by 10x or more."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    try:
+        import torch
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return
+    torch.set_num_threads(int(n))
+
+
+def resolve_path(p: str | os.PathLike) -> Path:
+    """A profile's relative path is relative to the repository root, not the current folder."""
+    p = Path(os.path.expanduser(str(p)))
+    return p if p.is_absolute() else REPO_ROOT / p

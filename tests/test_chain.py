@@ -1,0 +1,75 @@
+"""The chain on the smoke profile: papermill executes every notebook, stages cache, a failure names
+its cell, and Jupyter Book renders the executed copies (real papermill, real jupyter-book)."""
+import json
+import re
+
+import nbformat
+import pytest
+import yaml
+
+from skinlib import book, config, run, split
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "smoke"
+    status = run.run_chain("smoke", out=out)
+    return out, status
+
+
+def test_every_stage_executes_and_leaves_its_artifacts(smoke_run):
+    out, status = smoke_run
+    assert status == {s: "ran" for s in config.STAGE_NAMES}
+    for stage in config.STAGE_NAMES:
+        nb = nbformat.read(config.stage_dir(out, stage) / f"{stage}.ipynb", as_version=4)
+        errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+                  if o.get("output_type") == "error"]
+        assert not errors, f"{stage}: {errors[:1]}"
+        # papermill injected the run's parameters
+        assert any("injected-parameters" in c.metadata.get("tags", []) for c in nb.cells)
+    manifest = split.load_manifest(config.manifest_path(out))
+    assert len(manifest) == config.load_profile("smoke")["data"]["n_images"]
+    assert set(manifest.split) == {"train", "test"}
+    assert config.exclusions_path(out).exists()
+
+
+def test_unchanged_stages_are_reused_and_a_changed_parameter_reruns(smoke_run, tmp_path, capsys):
+    out, _ = smoke_run
+    assert run.run_chain("smoke", out=out) == {s: "cached" for s in config.STAGE_NAMES}
+    assert "cached" in capsys.readouterr().out
+    # A profile that changes only the split seed: the phantom page is reused, the data stage reruns.
+    prof = tmp_path / "smoke2.yaml"
+    prof.write_text(yaml.safe_dump({"name": "smoke2", "inherit": "smoke", "data": {"split_seed": 5}}))
+    status = run.run_chain(str(prof), out=out)
+    assert status["00_phantom"] == "cached" and status["01_data"] == "ran"
+    stamp = json.loads((config.stage_dir(out, "01_data") / ".stage.json").read_text())
+    assert stamp["profile"] == "smoke2"
+
+
+def test_a_failing_stage_names_notebook_and_cell_and_keeps_the_traceback(tmp_path):
+    prof = tmp_path / "broken.yaml"
+    prof.write_text(yaml.safe_dump({"name": "broken", "inherit": "smoke", "data": {"source": "nowhere"}}))
+    with pytest.raises(run.StageFailed) as e:
+        run.run_chain(str(prof), out=tmp_path / "run", stages=["01_data"])
+    msg = str(e.value)
+    assert "01_data" in msg and "notebooks/01_data.py" in msg and "nowhere" in msg
+    assert re.search(r"execution count \d+", msg)
+    executed = nbformat.read(e.value.executed, as_version=4)
+    assert any(o.get("output_type") == "error" for c in executed.cells if c.cell_type == "code"
+               for o in c.get("outputs", []))
+    assert not (tmp_path / "run" / "01_data" / ".stage.json").exists()
+
+
+def test_the_book_builds_from_the_executed_notebooks(smoke_run, tmp_path):
+    out, _ = smoke_run
+    html = book.build(out, root=tmp_path / "book")
+    pages = {p.relative_to(html).as_posix() for p in html.rglob("*.html")}
+    for page in ("index.html", "book/intro.html", "book/references.html",
+                 *(f"book/run/{s}.html" for s in config.STAGE_NAMES)):
+        assert page in pages, f"{page} missing from the built book"
+    data_page = (html / "book/run/01_data.html").read_text()
+    assert data_page.count("<img") >= 3  # sample crops, fixtures comparison, distributions
+    assert "injected-parameters" not in data_page  # papermill's cell is hidden
+    assert "Torop" in (html / "book/references.html").read_text()
