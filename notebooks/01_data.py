@@ -135,7 +135,7 @@ frames = {f"{data['source']} train": manifest[manifest.split == "train"],
 ks = None
 real5k = fixtures / "isic2024-metadata-sample5k.csv"
 if real5k.exists():
-    real_rows = attributes.named(pd.read_csv(real5k))
+    real_rows = attributes.zeros_as_missing(attributes.named(pd.read_csv(real5k)))
     frames["real SLICE-3D (5k rows)"] = real_rows
     ks = metrics.ks_by_attribute(manifest, real_rows)
 fig = figures.attribute_distributions(frames, ks=ks)

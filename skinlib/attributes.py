@@ -100,3 +100,13 @@ def named(frame, keep=("isic_id", "patient_id")):
     out = frame[cols + list(COLUMNS)].copy()
     out.columns = cols + list(NAMES)
     return out
+
+
+def zeros_as_missing(frame):
+    """A copy of a short-name frame with 0 set to NaN for the attributes whose release value 0
+    means "not measured" (the rule the reader applies, for comparing raw rows with it)."""
+    out = frame.copy()
+    for a in ATTRIBUTES:
+        if a.zero_is_missing and a.name in out.columns:
+            out[a.name] = out[a.name].mask(out[a.name] == 0)
+    return out

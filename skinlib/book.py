@@ -49,6 +49,7 @@ def build(run: str | Path, root: str | Path | None = None, strict: bool = True) 
     into which the book's sources are copied). Returns the html folder."""
     root = Path(root) if root else config.REPO_ROOT
     if root.resolve() != config.REPO_ROOT.resolve():
+        root.mkdir(parents=True, exist_ok=True)
         for name in BOOK_FILES:
             src = config.REPO_ROOT / name
             if src.is_dir():

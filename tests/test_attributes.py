@@ -53,3 +53,15 @@ def test_named_renames_and_reports_missing_columns(fixtures_dir):
     assert named["areaMM2"].tolist() == raw["tbp_lv_areaMM2"].tolist()
     with pytest.raises(KeyError, match="tbp_lv_deltaLB"):
         attributes.named(raw.drop(columns="tbp_lv_deltaLB"))
+
+
+def test_zeros_as_missing_only_touches_the_flagged_attributes():
+    import pandas as pd
+
+    f = pd.DataFrame({n: [0.0, 1.0] for n in attributes.NAMES})
+    g = attributes.zeros_as_missing(f)
+    flagged = {a.name for a in attributes.ATTRIBUTES if a.zero_is_missing}
+    assert flagged == {"norm_color", "radial_color_std_max"}
+    for n in attributes.NAMES:
+        assert g[n].isna().sum() == (1 if n in flagged else 0)
+    assert f.notna().all().all()  # the input is not modified

@@ -1,0 +1,127 @@
+"""The phantom: release format, determinism, truth measured from the drawing, realism against the
+5,000 real metadata rows."""
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+
+from skinlib import attributes, measure, metrics, phantom, slice3d
+
+REAL_5K = "isic2024-metadata-sample5k.csv"
+
+
+@pytest.fixture(scope="module")
+def big(tmp_path_factory):
+    out = tmp_path_factory.mktemp("phantom")
+    meta = phantom.generate(1500, out, seed=3, workers=2, progress=False)
+    return out, meta
+
+
+def test_release_format_matches_the_real_files(big, fixtures_dir):
+    out, meta = big
+    real = pd.read_csv(fixtures_dir / "isic2024-train-sample/train-metadata.csv")
+    on_disk = pd.read_csv(out / phantom.METADATA_FILE)
+    assert list(on_disk.columns) == list(real.columns)
+    assert on_disk.isic_id.str.fullmatch(r"PH_\d{7}").all()
+    with h5py.File(out / phantom.IMAGE_FILE) as h5:
+        assert set(h5.keys()) == set(on_disk.isic_id)
+        ds = h5[on_disk.isic_id[0]]
+        assert ds.shape == () and ds[()].tobytes()[:2] == b"\xff\xd8"  # scalar JPEG bytes, as released
+    with slice3d.Slice3D(out / phantom.IMAGE_FILE, out / phantom.METADATA_FILE, on_error="exclude") as r:
+        r.verify(progress=False)
+        reasons = set(r.exclusions.reason) if len(r.exclusions) else set()
+        assert reasons <= {"zero_is_missing"}, reasons     # only the release's own 0 = "not measured"
+        sizes = {r.image(i).size for i in on_disk.isic_id[:50]}
+    assert all(w == h and phantom.SIZE_RANGE[0] <= w <= phantom.SIZE_RANGE[1] for w, h in sizes)
+    assert not any(p.name.endswith(".partial") for p in out.iterdir())
+
+
+def test_same_seed_same_release_whatever_the_workers(tmp_path):
+    a = phantom.generate(20, tmp_path / "a", seed=9, workers=1, progress=False)
+    b = phantom.generate(20, tmp_path / "b", seed=9, workers=2, progress=False)
+    c = phantom.generate(20, tmp_path / "c", seed=10, workers=1, progress=False)
+    pd.testing.assert_frame_equal(a, b)
+    assert not a.tbp_lv_areaMM2.equals(c.tbp_lv_areaMM2)
+    with h5py.File(tmp_path / "a" / phantom.IMAGE_FILE) as ha, h5py.File(tmp_path / "b" / phantom.IMAGE_FILE) as hb:
+        assert all(ha[k][()].tobytes() == hb[k][()].tobytes() for k in ha)
+
+
+def test_written_values_are_what_the_drawing_measures(big):
+    out, meta = big
+    named = attributes.named(meta)
+    pidx = phantom.plan_patients(len(meta), 3)
+    for i in (0, 7, 123):
+        les = phantom._draw_image(3, i, pidx[i])
+        redo = measure.measure_all(les.contour, les.lab, les.mask, les.mm_per_px)
+        for name in attributes.NAMES:
+            assert named[name][i] == pytest.approx(redo[name], rel=1e-6, abs=1e-9), (i, name)
+    # the release's identities hold exactly
+    assert np.allclose(named.area_perim_ratio, named.perimeterMM ** 2 / named.areaMM2)
+    assert np.allclose(named.deltaL, meta.tbp_lv_L - meta.tbp_lv_Lext)
+    assert np.allclose(named.deltaB, named.B - named.Bext)
+
+
+def test_the_picture_shows_what_was_measured(big):
+    """Decode the JPEG (after hair, light, blur) and check the lesion's darkness is visible."""
+    from skinlib import color
+
+    out, meta = big
+    pidx = phantom.plan_patients(len(meta), 3)
+    seen, truth = [], []
+    with h5py.File(out / phantom.IMAGE_FILE) as h5:
+        for i in range(0, 300, 10):
+            les = phantom._draw_image(3, i, pidx[i])
+            rgb = np.asarray(slice3d.decode_jpeg(h5[meta.isic_id[i]][()].tobytes()), float) / 255
+            lab = color.srgb_to_lab(rgb)
+            reg = measure.regions(les.mask, les.mm_per_px)
+            seen.append(lab[reg.inside, 0].mean() - lab[reg.ext, 0].mean())
+            truth.append(les.attributes["deltaL"])
+    assert np.corrcoef(seen, truth)[0, 1] > 0.8
+
+
+def test_patients_share_their_skin_and_have_several_lesions(big):
+    _, meta = big
+    per = meta.groupby("patient_id").size()
+    assert per.median() >= 2 and per.max() > 5
+    lext = meta.groupby("patient_id").tbp_lv_Lext
+    within = lext.std().dropna().mean()
+    assert within < 0.8 * meta.tbp_lv_Lext.std()
+
+
+def test_distributions_match_the_real_rows(big, fixtures_dir):
+    """Two-sample KS per attribute against 5,000 real SLICE-3D rows. The long diameter is the one
+    known gap (see the phantom chapter): the release's values sit closer to the moment-ellipse major
+    axis than any irregular contour's Feret diameter does."""
+    _, meta = big
+    real = attributes.named(pd.read_csv(fixtures_dir / REAL_5K))
+    ks = metrics.ks_by_attribute(attributes.named(meta), real).set_index("attribute").ks
+    limits = {n: 0.15 for n in attributes.NAMES} | {"clin_size_long_diam_mm": 0.20}
+    too_far = {n: round(v, 3) for n, v in ks.items() if v > limits[n]}
+    assert not too_far, too_far
+    # and the zeros that mean "not measured" appear about as often as in the release
+    for n in ("norm_color", "radial_color_std_max"):
+        assert abs((meta[attributes.get(n).column] == 0).mean() - (real[n] == 0).mean()) < 0.06
+
+
+def test_targets_must_be_known_names():
+    with pytest.raises(ValueError, match="unknown targets"):
+        phantom.draw_lesion(0, targets={"areaMM": 3})
+    with pytest.raises(ValueError, match="size_px"):
+        phantom.draw_lesion(0, size_px=40)
+
+
+def test_reference_is_built_from_the_real_sample(fixtures_dir, tmp_path):
+    ref = phantom.make_reference(fixtures_dir / REAL_5K, tmp_path / "ref.json")
+    assert (tmp_path / "ref.json").read_text() == phantom.REFERENCE_PATH.read_text()
+    assert ref["n_rows"] == 5000 and len(ref["columns"]) == 55
+
+
+def test_command_line(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "skinlib.phantom", "--n", "6", "--out", str(tmp_path), "--seed", "2"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert len(pd.read_csv(tmp_path / phantom.METADATA_FILE)) == 6
+    assert (tmp_path / phantom.NUISANCE_FILE).exists()
