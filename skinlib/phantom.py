@@ -582,13 +582,15 @@ def _solve_variation(core, base, var_f, grd_f, nc_t: float, rad_t: float) -> tup
         Q += np.cov(m, bias=True) / 3.0
         sect.append(np.stack([np.bincount(idx, weights=row, minlength=measure.N_SECTORS)[ok] / cnt[ok] for row in m]))
 
+    S = np.stack(sect)  # (channel, term, sector)
+
     def v_for(g):   # s(v, g)² = s_t²
         return _quad_root(Q[1, 1], 2 * (Q[0, 1] + g * Q[1, 2]), Q[0, 0] + 2 * g * Q[0, 2] + g * g * Q[2, 2] - s_t ** 2)
 
     def radial(v, g):
         if ok.sum() < 4:
             return 0.0
-        return max(float((sm[0] + v * sm[1] + g * sm[2]).std()) for sm in sect) - measure.RADIAL_DEADZONE
+        return float((S[:, 0] + v * S[:, 1] + g * S[:, 2]).std(axis=1).max()) - measure.RADIAL_DEADZONE
 
     if rad_t <= 0:
         return v_for(0.0), 0.0
@@ -717,7 +719,7 @@ def draw_lesion(rng=None, *, targets: dict | None = None, patient: Patient | Non
         rgb = np.clip(rgb, 0.0, 1.0)
         lab = color.srgb_to_lab(rgb)
     shape = measure.shape_attributes(contour)
-    col = measure.color_measures(lab, mask, mmpp)
+    col = measure.color_measures(lab, mask, mmpp, regions=reg)
     attrs = {n: (shape[n] if n in shape else col[n]) for n in attributes.NAMES}
     extras = {k: col[k] for k in ("L", "Lext", "deltaA", "stdL", "color_std_mean")}
     extras["eccentricity"] = measure.eccentricity(contour)
