@@ -1,0 +1,182 @@
+"""The one place that turns (images, questions, optional answers) into Qwen2-VL model inputs.
+
+Both profiles go through `build_batch`: the tiny embedded default and the real Qwen2-VL. The text is
+Qwen2-VL's chat template (system prompt, then the image and the question as the user turn, the
+answer as the assistant turn); each image's single <|image_pad|> is expanded to one token per
+merged patch, exactly as `Qwen2VLProcessor` does (grid_thw.prod() // merge_size**2). Sequences are
+padded on the LEFT, so the last position is the last real token of every row (generation and the
+last-token embedding h_im,a). `labels` are -100 everywhere except the answer tokens and the
+<|im_end|> that closes each answer: the loss is on the answers only.
+
+Several (question, answer) turns can share one image in one sequence (multi-turn packing): pass
+`questions[i]` and `answers[i]` as lists; every answer is labelled.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import numpy as np
+import torch
+
+SYSTEM_PROMPT = ("You are a dermatology assistant. You look at a skin lesion image and answer each "
+                 "question with a number only.")
+IGNORE_INDEX = -100
+IMAGE_TOKEN = "<|image_pad|>"
+END_TOKEN = "<|im_end|>"
+
+
+class EncodedImage(NamedTuple):
+    """One image after the image processor: its patches and its (t, h, w) patch grid."""
+    pixel_values: torch.Tensor  # (t*h*w, channels * temporal_patch * patch**2)
+    grid_thw: torch.Tensor  # (3,) long
+
+    def n_tokens(self, merge_size: int) -> int:
+        """How many <|image_pad|> tokens the image takes (the Qwen2VLProcessor rule)."""
+        return int(self.grid_thw.prod()) // merge_size ** 2
+
+
+def encode_images(image_processor, images: Sequence) -> list[EncodedImage]:
+    """Run the image processor once per image (PIL images or HxWx3 uint8 arrays).
+
+    Pre-encode a data set once with this and pass the results to `build_batch` to skip the PIL
+    work in every training step."""
+    out = []
+    for i, im in enumerate(images):
+        if isinstance(im, EncodedImage):
+            out.append(im)
+            continue
+        if isinstance(im, np.ndarray) and (im.ndim != 3 or im.shape[-1] != 3):
+            raise ValueError(f"image {i}: expected an HxWx3 array, got shape {im.shape}")
+        enc = image_processor(images=[im], return_tensors="pt")
+        out.append(EncodedImage(enc["pixel_values"], enc["image_grid_thw"][0].long()))
+    return out
+
+
+def _turns(questions, answers, n: int) -> tuple[list[list[str]], list[list[str]] | None]:
+    """Normalise to one list of questions (and answers) per image; check the shapes."""
+    if len(questions) != n:
+        raise ValueError(f"{len(questions)} questions for {n} images; give one question (or one list) per image")
+    qs = [[q] if isinstance(q, str) else list(q) for q in questions]
+    if answers is None:
+        for i, q in enumerate(qs):
+            if len(q) != 1:
+                raise ValueError(f"image {i}: {len(q)} questions but no answers; a prompt without answers "
+                                 "takes one question (multi-turn packing needs the answers)")
+        return qs, None
+    if len(answers) != n:
+        raise ValueError(f"{len(answers)} answers for {n} images; give one answer (or one list) per image")
+    ans = [[a] if isinstance(a, str) else list(a) for a in answers]
+    for i, (q, a) in enumerate(zip(qs, ans)):
+        if len(q) != len(a) or not q:
+            raise ValueError(f"image {i}: {len(q)} questions but {len(a)} answers")
+        for s in a:
+            if not isinstance(s, str):
+                raise TypeError(f"image {i}: answers must be text (use Attribute.format_answer), got {s!r}")
+    return qs, ans
+
+
+def messages(questions: Sequence[str], answers: Sequence[str] | None = None,
+             system: str | None = SYSTEM_PROMPT) -> list[dict]:
+    """The chat for one image: the image goes with the first question."""
+    msgs = [{"role": "system", "content": system}] if system is not None else []
+    for k, q in enumerate(questions):
+        content = ([{"type": "image"}] if k == 0 else []) + [{"type": "text", "text": q}]
+        msgs.append({"role": "user", "content": content})
+        if answers is not None:
+            msgs.append({"role": "assistant", "content": answers[k]})
+    return msgs
+
+
+def _segments(tokenizer, msgs: list[dict], n_answers: int, add_generation_prompt: bool) -> list[tuple[str, bool]]:
+    """The chat text cut into (piece, is_answer) pieces. Rendering the chat up to each answer with
+    add_generation_prompt=True gives the text before that answer; the answer piece is the answer
+    text plus its closing <|im_end|>."""
+    render = lambda m, gen: tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=gen)
+    full = render(msgs, add_generation_prompt and n_answers == 0)
+    pieces, at = [], 0
+    assistant_idx = [j for j, m in enumerate(msgs) if m["role"] == "assistant"]
+    for j in assistant_idx:
+        before = render(msgs[:j], True)
+        answer = msgs[j]["content"] + END_TOKEN
+        if not full.startswith(before) or full[len(before):len(before) + len(answer)] != answer:
+            raise ValueError("chat template does not render an answer as '<|im_start|>assistant\\n' + answer + "
+                             f"'{END_TOKEN}' (template of {type(tokenizer).__name__}); cannot place the labels")
+        pieces.append((full[at:len(before)], False))
+        pieces.append((answer, True))
+        at = len(before) + len(answer)
+    rest = full[at:]
+    if n_answers and rest == "\n":
+        rest = ""  # a training row ends with the last answer's <|im_end|>, as generation does
+    pieces.append((rest, False))
+    return [(p, lab) for p, lab in pieces if p]
+
+
+def build_batch(tokenizer, image_processor, images: Sequence, questions: Sequence, answers: Sequence | None = None,
+                add_generation_prompt: bool = True, system: str | None = SYSTEM_PROMPT,
+                merge_size: int | None = None) -> dict[str, torch.Tensor]:
+    """Model inputs for one image per row.
+
+    images: PIL images, HxWx3 arrays, or `EncodedImage`s from `encode_images`.
+    questions: per image a question, or a list of questions (multi-turn; needs `answers`).
+    answers: None for prompts (ends with '<|im_start|>assistant\\n' if add_generation_prompt), else
+        per image an answer text or a list of them; labels then cover every answer + its <|im_end|>,
+        and the row ends with the last <|im_end|> (the template's trailing newline is dropped).
+    Returns input_ids, attention_mask, mm_token_type_ids, pixel_values, image_grid_thw, and labels
+    when answers are given; all left-padded with the tokenizer's pad token.
+    """
+    encoded = encode_images(image_processor, images)
+    qs, ans = _turns(questions, answers, len(encoded))
+    merge = merge_size or getattr(image_processor, "merge_size", None)
+    if not merge:
+        raise ValueError(f"{type(image_processor).__name__} has no merge_size; pass merge_size=")
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    if image_id is None or image_id == tokenizer.unk_token_id:
+        raise ValueError(f"tokenizer has no {IMAGE_TOKEN} token; is it a Qwen2-VL tokenizer?")
+    if tokenizer.pad_token_id is None:
+        raise ValueError("tokenizer has no pad token (Qwen2-VL uses <|endoftext|>)")
+
+    rows_ids, rows_labels = [], []
+    for enc, q, a in zip(encoded, qs, ans if ans is not None else [None] * len(qs)):
+        msgs = messages(q, a, system)
+        pieces = _segments(tokenizer, msgs, 0 if a is None else len(a), add_generation_prompt)
+        n_img = enc.n_tokens(merge)
+        ids, labels = [], []
+        for text, is_answer in pieces:
+            # Expand the image placeholder as Qwen2VLProcessor does (one pad per merged patch).
+            text = text.replace(IMAGE_TOKEN, IMAGE_TOKEN * n_img)
+            piece_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids += piece_ids
+            labels += piece_ids if is_answer else [IGNORE_INDEX] * len(piece_ids)
+        # Cutting the text into pieces must not change its tokens (pieces end at special tokens or
+        # right after '\n', where Qwen2's pre-tokeniser splits anyway); checked, not assumed.
+        whole = tokenizer("".join(t for t, _ in pieces).replace(IMAGE_TOKEN, IMAGE_TOKEN * n_img),
+                          add_special_tokens=False)["input_ids"]
+        if whole != ids:
+            raise ValueError("tokenising the chat piecewise differs from tokenising it whole; an answer or "
+                             "question merges with the chat markup around it")
+        if ids.count(image_id) != n_img:
+            raise ValueError(f"row has {ids.count(image_id)} {IMAGE_TOKEN} tokens, image needs {n_img}; "
+                             "a question or answer must not contain image tokens")
+        rows_ids.append(ids)
+        rows_labels.append(labels)
+
+    width = max(map(len, rows_ids))
+    pad = tokenizer.pad_token_id
+    input_ids = torch.full((len(rows_ids), width), pad, dtype=torch.long)
+    attention = torch.zeros((len(rows_ids), width), dtype=torch.long)
+    labels = torch.full((len(rows_ids), width), IGNORE_INDEX, dtype=torch.long)
+    for r, (ids, lab) in enumerate(zip(rows_ids, rows_labels)):  # left padding
+        input_ids[r, width - len(ids):] = torch.tensor(ids)
+        attention[r, width - len(ids):] = 1
+        labels[r, width - len(ids):] = torch.tensor(lab)
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": attention,
+        # text 0, image 1: the model needs it with image_grid_thw for its 3-D (M-RoPE) positions.
+        "mm_token_type_ids": (input_ids == image_id).long() * attention,
+        "pixel_values": torch.cat([e.pixel_values for e in encoded]),
+        "image_grid_thw": torch.stack([e.grid_thw for e in encoded]),
+    }
+    if ans is not None:
+        batch["labels"] = labels
+    return batch
