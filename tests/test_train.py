@@ -1,0 +1,101 @@
+"""The training loop on the real tiny Qwen2-VL with real peft and accelerate: schedule, batch order,
+safetensors checkpoints, and resume-after-interrupt equivalence."""
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from skinlib import inputs, model as mdl, train
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    torch.set_num_threads(1)
+    return mdl.build_tiny(tmp_path_factory.mktemp("tiny"), seed=0)
+
+
+def data(loaded, n=12):
+    rng = np.random.default_rng(0)
+    imgs = [Image.fromarray(rng.integers(0, 255, (130, 130, 3), dtype=np.uint8)) for _ in range(n)]
+    enc = inputs.encode_images(loaded.image_processor, imgs)
+    return [(e, "What is the area of the lesion in mm²?", f"{rng.uniform(1, 40):.1f}") for e in enc]
+
+
+def collate_for(loaded):
+    def collate(items):
+        return inputs.build_batch(loaded.tokenizer, loaded.image_processor,
+                                  [i[0] for i in items], [i[1] for i in items], [i[2] for i in items])
+    return collate
+
+
+def lora_model(path):
+    loaded = mdl.load(path)
+    torch.manual_seed(1)               # LoRA's initial A matrices
+    return loaded, mdl.apply_lora(loaded.model, rank=4, dropout=0.1)
+
+
+def test_cosine_schedule_warms_up_and_decays_to_zero():
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched = train.cosine_schedule(opt, warmup=2, total=10)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[0] == pytest.approx(0.5) and lrs[1] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:])) and lrs[-1] < 0.05
+
+
+def test_batch_order_is_a_seeded_permutation_per_epoch():
+    s = train.EpochBatches(10, 4, epochs=2, seed=3)
+    batches = list(s)
+    assert len(batches) == len(s) == 6
+    assert sorted(sum(batches[:3], [])) == list(range(10))     # each epoch covers every item once
+    assert batches == list(train.EpochBatches(10, 4, epochs=2, seed=3))
+    assert batches[:3] != batches[3:]
+
+
+def test_interrupted_run_resumes_to_the_same_weights(tiny, tmp_path):
+    settings = train.Settings(lr=5e-3, batch_size=4, epochs=2, checkpoint_every=2, seed=0)
+    loaded, m = lora_model(tiny)
+    items, collate = data(loaded), collate_for(loaded)
+    full = train.train(m, items, collate, settings, tmp_path / "a", progress=False)
+    assert full["step"] == full["total_steps"] == 6
+    want = train.trainable_state(m)
+
+    loaded, m = lora_model(tiny)
+    cut = train.train(m, items, collate, settings, tmp_path / "b", progress=False, stop_after=3)
+    assert cut["step"] == 3 and train.latest_checkpoint(tmp_path / "b").name == "step-0000002"
+    loaded, m = lora_model(tiny)                       # a new process would start from scratch
+    rest = train.train(m, items, collate, settings, tmp_path / "b", progress=False)
+    assert rest["resumed_from"].endswith("step-0000002") and rest["step"] == 6
+    got = train.trainable_state(m)
+    assert set(got) == set(want) and any("lora_A" in k for k in got)
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=1e-6)
+    # the history has each step once, the redone step 3 included once
+    steps = [int(l.split(",")[0]) for l in (tmp_path / "b" / train.HISTORY).read_text().splitlines()[1:]]
+    assert steps == list(range(1, 7))
+    # checkpoints are safetensors + JSON only, and the newest two are kept
+    ck = sorted((tmp_path / "b" / train.CHECKPOINTS).iterdir())
+    assert [p.name for p in ck] == ["step-0000004", "step-0000006"]
+    assert {p.suffix for p in ck[-1].iterdir()} == {".safetensors", ".json"}
+
+
+def test_lora_training_lowers_the_loss(tiny, tmp_path):
+    loaded, m = lora_model(tiny)
+    items = data(loaded, n=4)
+    collate = collate_for(loaded)
+    batch = collate(items)
+    with torch.no_grad():
+        before = float(m(**batch).loss)
+    train.train(m, items, collate, train.Settings(lr=2e-2, batch_size=4, epochs=15, checkpoint_every=100),
+                tmp_path, progress=False)
+    with torch.no_grad():
+        after = float(m(**batch).loss)
+    assert after < 0.9 * before
+
+
+def test_unknown_setting_is_named():
+    with pytest.raises(KeyError, match="lerning_rate"):
+        train.Settings.from_dict({"lerning_rate": 1})
