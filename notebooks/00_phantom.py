@@ -138,11 +138,7 @@ fig = figures.image_grid([crops[i].rgb for i in pick],
 
 # %%
 if fixtures.exists():
-    real = []
-    for h5, csv in [(fixtures / "isic2024-train-sample/train-image.hdf5", fixtures / "isic2024-train-sample/train-metadata.csv"),
-                    (fixtures / "isic2024-test-image.hdf5", fixtures / "isic2024-test-metadata.csv")]:
-        with slice3d.Slice3D(h5, csv) as r:
-            real += [(i, r.image(i)) for i in r.metadata.isic_id]
+    real = slice3d.fixture_images(fixtures)
     ours = crops[:len(real)]
     fig = figures.image_grid([im for _, im in real] + [c.rgb for c in ours],
                              [f"real, {im.size[0]} px" for _, im in real] + [f"phantom, {c.rgb.shape[0]} px" for c in ours],

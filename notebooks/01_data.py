@@ -110,11 +110,7 @@ fig = figures.image_grid(
 
 # %%
 if fixtures.exists():
-    real = []
-    for h5, csv in [(fixtures / "isic2024-train-sample/train-image.hdf5", fixtures / "isic2024-train-sample/train-metadata.csv"),
-                    (fixtures / "isic2024-test-image.hdf5", fixtures / "isic2024-test-metadata.csv")]:
-        with slice3d.Slice3D(h5, csv) as r:
-            real += [(i, r.image(i)) for i in r.metadata.isic_id]
+    real = slice3d.fixture_images(fixtures)
     ours = [(i, ds.image(i)) for i in manifest.isic_id[:len(real)]]
     fig = figures.image_grid([im for _, im in real] + [im for _, im in ours],
                              [f"real {i}" for i, _ in real] + [f"{data['source']} {i}" for i, _ in ours],

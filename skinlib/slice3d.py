@@ -387,3 +387,17 @@ def open_release(directory=None, split: str = "train", *, image=None, metadata=N
         image = image if image is not None else img
         metadata = metadata if metadata is not None else meta
     return Slice3D(image, metadata, **kw)
+
+
+FIXTURE_RELEASES = (("isic2024-train-sample/train-image.hdf5", "isic2024-train-sample/train-metadata.csv"),
+                    ("isic2024-test-image.hdf5", "isic2024-test-metadata.csv"))
+
+
+def fixture_images(fixtures_dir) -> list[tuple[str, Image.Image]]:
+    """(isic_id, image) of the eight real SLICE-3D crops shipped in the project's fixtures."""
+    fixtures_dir = Path(fixtures_dir)
+    out = []
+    for h5, csv in FIXTURE_RELEASES:
+        with Slice3D(fixtures_dir / h5, fixtures_dir / csv) as r:
+            out += [(i, r.image(i)) for i in r.metadata.isic_id]
+    return out

@@ -326,3 +326,11 @@ def test_report_adds_up_with_mixed_problems(release):
     check_adds_up(ds)
     kept_or_excluded = set(ds.ids) | set(ds.exclusions.query("attribute == '*'")["isic_id"])
     assert kept_or_excluded == set(text["isic_id"])
+
+
+def test_fixture_images_are_the_eight_real_crops(fixtures_dir):
+    from skinlib import slice3d
+
+    crops = slice3d.fixture_images(fixtures_dir)
+    assert len(crops) == 8 and all(i.startswith("ISIC_") for i, _ in crops)
+    assert all(90 <= im.size[0] <= 160 for _, im in crops)
