@@ -192,9 +192,6 @@ def regions(mask, mm_per_px: float) -> Regions:
     return Regions(mask, mask & (d_in >= CORE_MM), ring, ext)
 
 
-_regions = regions
-
-
 def _check_lab(lab, mask) -> np.ndarray:
     lab = np.asarray(lab, dtype=np.float64)
     if lab.ndim != 3 or lab.shape[2] != 3:
@@ -268,17 +265,17 @@ def radial_color_std_max(lab, mask, mm_per_px: float) -> float:
     return radial_std_from_sectors(sector_means(lab, core))
 
 
-def color_measures(lab, mask, mm_per_px: float, regions: Regions | None = None) -> dict[str, float]:
+def color_measures(lab, mask, mm_per_px: float, reg: Regions | None = None) -> dict[str, float]:
     """All colour measures: the 10 colour attributes plus L, Lext, deltaA, stdL, color_std_mean.
 
     A, B, L: mean a*, b*, L* over the inside; Aext, Bext, Lext: means over ext (skin beyond
     the GUARD_MM band); deltaL = L - Lext and deltaB = B - Bext exactly; stdLExt: std of L* over
     ext; deltaLB: hypot(L - L_ring, B - B_ring) against the *immediate* ring (the first RING_MM
     of ext), an analogue of TBP's lesion-vs-surrounding L*B* contrast; norm_color and
-    radial_color_std_max as in their functions. `regions`: those of `mask`, if already computed.
+    radial_color_std_max as in their functions. `reg`: the regions of `mask`, if already computed.
     """
     lab = _check_lab(lab, mask)
-    reg = regions if regions is not None else _regions(mask, mm_per_px)  # pass them to save the work
+    reg = reg if reg is not None else regions(mask, mm_per_px)  # a caller may pass them to save the work
     m_in = lab[reg.inside].mean(axis=0)
     ext = lab[reg.ext]
     m_ext = ext.mean(axis=0)
@@ -301,14 +298,15 @@ def color_measures(lab, mask, mm_per_px: float, regions: Regions | None = None) 
     }
 
 
-def measure_all(contour, lab, mask, mm_per_px: float, extras: bool = False) -> dict[str, float]:
+def measure_all(contour, lab, mask, mm_per_px: float, extras: bool = False,
+                reg: Regions | None = None) -> dict[str, float]:
     """The 16 attributes keyed by the registry's short names, in registry order.
 
     With extras=True the colour extras (L, Lext, deltaA, stdL, color_std_mean) and the
     moment-ellipse eccentricity are appended.
     """
     shape = shape_attributes(contour)
-    col = color_measures(lab, mask, mm_per_px)
+    col = color_measures(lab, mask, mm_per_px, reg)
     out = {name: (shape[name] if name in shape else col[name]) for name in attributes.NAMES}
     if extras:
         out.update({k: col[k] for k in ("L", "Lext", "deltaA", "stdL", "color_std_mean")})

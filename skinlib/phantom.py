@@ -717,11 +717,9 @@ def draw_lesion(rng=None, *, targets: dict | None = None, patient: Patient | Non
     if out.any():   # measure what can be shown: the in-gamut picture
         rgb = np.clip(rgb, 0.0, 1.0)
         lab = color.srgb_to_lab(rgb)
-    shape = measure.shape_attributes(contour)
-    col = measure.color_measures(lab, mask, mmpp, regions=reg)
-    attrs = {n: (shape[n] if n in shape else col[n]) for n in attributes.NAMES}
-    extras = {k: col[k] for k in ("L", "Lext", "deltaA", "stdL", "color_std_mean")}
-    extras["eccentricity"] = measure.eccentricity(contour)
+    measured = measure.measure_all(contour, lab, mask, mmpp, extras=True, reg=reg)
+    attrs = {n: measured.pop(n) for n in attributes.NAMES}
+    extras = measured   # L, Lext, deltaA, stdL, color_std_mean, eccentricity
     r_eq = math.sqrt(attrs["areaMM2"] / math.pi)
     c0 = (facts["lesion_center_x_mm"], facts["lesion_center_y_mm"])
     if nuisances:

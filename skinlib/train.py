@@ -18,7 +18,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -245,7 +245,3 @@ def train(model, dataset, collate, settings: Settings, out, accelerator=None, pr
         bar.close()
     return {"step": step, "total_steps": total, "resumed_from": resumed,
             "seconds": time.perf_counter() - t0}
-
-
-def settings_dict(s: Settings) -> dict:
-    return asdict(s)
