@@ -49,13 +49,9 @@ print(f"profile {cfg['name']!r}, data source {data['source']!r}, run folder {run
 
 # %%
 if data["source"] == "phantom":
-    release = config.phantom_dir(run)
-    phantom.generate(data["n_images"], release, seed=data["phantom_seed"], workers=data["phantom_workers"])
-    image_h5, metadata_csv = release / "train-image.hdf5", release / "train-metadata.csv"
-elif data["source"] == "slice3d":
-    image_h5, metadata_csv = config.resolve_path(data["image_h5"]), config.resolve_path(data["metadata_csv"])
-else:
-    raise ValueError(f"profile {cfg['name']!r}: data.source must be 'phantom' or 'slice3d', not {data['source']!r}")
+    phantom.generate(data["n_images"], config.phantom_dir(run), seed=data["phantom_seed"],
+                     workers=data["phantom_workers"])
+image_h5, metadata_csv = config.release_files({**cfg, "data": data}, run)
 
 ds = slice3d.Slice3D(image_h5, metadata_csv, on_error=data["on_error"])
 if data["verify_images"]:

@@ -17,53 +17,63 @@ class Attribute:
     meaning: str  # one line, from the paper's Table 1
     question: str  # Q(a), asked verbatim after the image
     decimals: int  # answer y_a(I) is the value written with this many decimals
+    int_digits: int  # ... and its integer part zero-padded to at least this many digits
     zero_is_missing: bool = False  # the release writes 0 where the measure is undefined
 
     def format_answer(self, value: float) -> str:
-        """The answer text y_a(I): digits as text, the registry's decimals, no unit."""
+        """The answer text y_a(I): digits as text, no unit; `decimals` after the point and the
+        integer part zero-padded to `int_digits` (a sign, when negative, comes first).
+
+        Why the padding: a small model trained on free-width numbers misses the digit count now
+        and then ("5.5" for 50.67), and one such miss wrecks R². A fixed width makes every digit
+        mean the same place. The width is the digit count of the attribute's typical values (not
+        of its maximum), so the first digit still varies between lesions: the last prompt token,
+        whose state is the embedding h_im,a, must predict something informative."""
         if value is None or not math.isfinite(value):
             raise ValueError(f"attribute {self.name!r}: cannot write non-finite value {value!r} as an answer")
-        text = f"{value:.{self.decimals}f}"
-        return "0" + text[2:] if text.startswith("-0") and float(text) == 0 else text
+        text = f"{abs(value):.{self.decimals}f}"
+        whole, _, frac = text.partition(".")
+        text = whole.zfill(self.int_digits) + ("." + frac if frac else "")
+        return "-" + text if value < 0 and float(text) != 0 else text
 
 
 ATTRIBUTES: tuple[Attribute, ...] = (
     Attribute("areaMM2", "tbp_lv_areaMM2", "mm²", "lesion area",
-              "What is the area of the lesion in mm²?", 1),
+              "What is the area of the lesion in mm²?", 1, 2),
     Attribute("minorAxisMM", "tbp_lv_minorAxisMM", "mm", "smallest lesion diameter",
-              "What is the smallest diameter of the lesion in mm?", 2),
+              "What is the smallest diameter of the lesion in mm?", 2, 1),
     Attribute("norm_color", "tbp_lv_norm_color", "", "colour variation within the lesion (0-10)",
-              "How much colour variation is there within the lesion, on a scale of 0 to 10?", 2,
+              "How much colour variation is there within the lesion, on a scale of 0 to 10?", 2, 1,
               zero_is_missing=True),
     Attribute("radial_color_std_max", "tbp_lv_radial_color_std_max", "",
               "colour asymmetry within the lesion",
-              "How asymmetric is the colour within the lesion?", 2, zero_is_missing=True),
+              "How asymmetric is the colour within the lesion?", 2, 1, zero_is_missing=True),
     Attribute("deltaB", "tbp_lv_deltaB", "", "mean B* contrast, inside vs outside the lesion",
-              "What is the B* contrast between the inside and the outside of the lesion?", 2),
+              "What is the B* contrast between the inside and the outside of the lesion?", 2, 1),
     Attribute("deltaL", "tbp_lv_deltaL", "", "mean L* contrast, inside vs outside the lesion",
-              "What is the L* contrast between the inside and the outside of the lesion?", 2),
+              "What is the L* contrast between the inside and the outside of the lesion?", 2, 2),
     Attribute("deltaLB", "tbp_lv_deltaLB", "",
               "L*B* contrast between the lesion and its immediate surrounding skin",
-              "What is the L*B* contrast between the lesion and its immediate surrounding skin?", 2),
+              "What is the L*B* contrast between the lesion and its immediate surrounding skin?", 2, 2),
     Attribute("stdLExt", "tbp_lv_stdLExt", "", "standard deviation of L* outside the lesion",
-              "What is the standard deviation of L* in the skin outside the lesion?", 2),
+              "What is the standard deviation of L* in the skin outside the lesion?", 2, 1),
     Attribute("clin_size_long_diam_mm", "clin_size_long_diam_mm", "mm", "maximum lesion diameter",
-              "What is the largest diameter of the lesion in mm?", 2),
+              "What is the largest diameter of the lesion in mm?", 2, 1),
     Attribute("perimeterMM", "tbp_lv_perimeterMM", "mm", "lesion perimeter",
-              "What is the perimeter of the lesion in mm?", 1),
+              "What is the perimeter of the lesion in mm?", 1, 2),
     Attribute("norm_border", "tbp_lv_norm_border", "", "border irregularity (0-10)",
-              "How irregular is the border of the lesion, on a scale of 0 to 10?", 2),
+              "How irregular is the border of the lesion, on a scale of 0 to 10?", 2, 1),
     Attribute("area_perim_ratio", "tbp_lv_area_perim_ratio", "",
               "border jaggedness: perimeter squared over area",
-              "What is the ratio of the squared perimeter to the area of the lesion?", 1),
+              "What is the ratio of the squared perimeter to the area of the lesion?", 1, 2),
     Attribute("A", "tbp_lv_A", "", "mean A* inside the lesion",
-              "What is the mean A* inside the lesion?", 2),
+              "What is the mean A* inside the lesion?", 2, 2),
     Attribute("Aext", "tbp_lv_Aext", "", "mean A* outside the lesion",
-              "What is the mean A* of the skin outside the lesion?", 2),
+              "What is the mean A* of the skin outside the lesion?", 2, 2),
     Attribute("B", "tbp_lv_B", "", "mean B* inside the lesion",
-              "What is the mean B* inside the lesion?", 2),
+              "What is the mean B* inside the lesion?", 2, 2),
     Attribute("Bext", "tbp_lv_Bext", "", "mean B* outside the lesion",
-              "What is the mean B* of the skin outside the lesion?", 2),
+              "What is the mean B* of the skin outside the lesion?", 2, 2),
 )
 
 NAMES: tuple[str, ...] = tuple(a.name for a in ATTRIBUTES)

@@ -19,6 +19,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 STAGES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("00_phantom", "notebooks/00_phantom.py", ("reference",)),
     ("01_data", "notebooks/01_data.py", ("data", "reference")),
+    ("02_finetune", "notebooks/02_finetune.py", ("model", "train")),
+    ("03_predict", "notebooks/03_predict.py", ("predict",)),
 )
 STAGE_NAMES: tuple[str, ...] = tuple(s[0] for s in STAGES)
 
@@ -104,6 +106,48 @@ def manifest_path(run) -> Path:
 
 def exclusions_path(run) -> Path:
     return stage_dir(run, "01_data") / "exclusions.csv"
+
+
+def release_files(cfg: dict, run) -> tuple[Path, Path]:
+    """(image HDF5, metadata CSV) of the run's release: the phantom 01_data wrote, or the real one."""
+    data = cfg["data"]
+    if data["source"] == "phantom":
+        d = phantom_dir(run)
+        return d / "train-image.hdf5", d / "train-metadata.csv"
+    if data["source"] == "slice3d":
+        return resolve_path(data["image_h5"]), resolve_path(data["metadata_csv"])
+    raise ValueError(f"profile {cfg.get('name')!r}: data.source must be 'phantom' or 'slice3d', not {data['source']!r}")
+
+
+def base_model_dir(run) -> Path:
+    """Where 02_finetune builds the embedded default's random-init tiny Qwen2-VL."""
+    return stage_dir(run, "02_finetune") / "base"
+
+
+def checkpoint_dir(run) -> Path:
+    return stage_dir(run, "02_finetune") / "checkpoints"
+
+
+def finetuned_dir(run) -> Path:
+    """The fine-tuned model (full weights, or the LoRA adapter + a note of its base)."""
+    return stage_dir(run, "02_finetune") / "model"
+
+
+def tuples_path(run) -> Path:
+    return stage_dir(run, "02_finetune") / "tuples.parquet"
+
+
+def predictions_path(run) -> Path:
+    return stage_dir(run, "03_predict") / "predictions.csv"
+
+
+def metrics_dir(run) -> Path:
+    """Summaries that scripts and the book read: r2.csv, retrieval.csv."""
+    return Path(run) / "metrics"
+
+
+def r2_path(run) -> Path:
+    return metrics_dir(run) / "r2.csv"
 
 
 def set_threads(n: int) -> None:

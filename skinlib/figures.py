@@ -56,3 +56,85 @@ def attribute_distributions(frames: dict[str, pd.DataFrame], names=None, ks: pd.
         ax.set_ylabel("")
     fig.tight_layout()
     return fig
+
+
+def _smooth(s: pd.Series, window: int) -> pd.Series:
+    return s.rolling(window, min_periods=1).mean()
+
+
+def training_curves(hist: pd.DataFrame, window: int = 50):
+    """Loss (raw and smoothed), learning rate and throughput against the optimizer step."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    ax = axes[0]
+    ax.plot(hist.step, hist.loss, color="0.8", lw=0.6, label="per step")
+    ax.plot(hist.step, _smooth(hist.loss, window), color="C0", label=f"mean of {window}")
+    ax.set(xlabel="step", ylabel="loss (answer tokens)", yscale="log", title="loss")
+    ax.legend(frameon=False)
+    axes[1].plot(hist.step, hist.lr, color="C1")
+    axes[1].set(xlabel="step", ylabel="learning rate", title="cosine schedule")
+    axes[2].plot(hist.step, hist.tuples_per_s, color="C2")
+    axes[2].set(xlabel="step", ylabel="tuples / s (running mean)", title="throughput", ylim=(0, None))
+    fig.tight_layout()
+    return fig
+
+
+def method_comparison(curves: pd.DataFrame, window: int = 10):
+    """Smoothed loss per step for each fine-tuning method (frame with step, loss, method)."""
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for i, (m, g) in enumerate(curves.groupby("method", sort=False)):
+        ax.plot(g.step, _smooth(g.loss, window), color=f"C{i}", label=m)
+    ax.set(xlabel="step", ylabel="loss (answer tokens)", title="random-init tiny model: full vs LoRA")
+    ax.legend(frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def r2_bars(r2: pd.DataFrame, paper_range: tuple[float, float] | None = (0.71, 0.96)):
+    """Fig. 2: R² per attribute as bars (registry order), the paper's range shaded for reference.
+    Bars below the axis floor (R² can be very negative) are cut and labelled with their value."""
+    floor = -0.2
+    fig, ax = plt.subplots(figsize=(11, 3.8))
+    if paper_range:
+        ax.axhspan(*paper_range, color="0.88", zorder=0, label=f"paper: {paper_range[0]}–{paper_range[1]}")
+    vals = r2.r2.clip(lower=floor)
+    sns.barplot(x=r2.attribute, y=vals, ax=ax, color="C0", zorder=2, label="this run")
+    for i, v in enumerate(r2.r2):
+        ax.text(i, max(v, floor) + 0.01, f"{v:.2f}", ha="center", va="bottom", fontsize=7, zorder=3)
+    ax.axhline(0, color="0.3", lw=0.6)
+    ax.set(ylim=(floor, 1.05), xlabel="", ylabel="R² (test images)")
+    ax.tick_params(axis="x", rotation=60, labelsize=8)
+    for t in ax.get_xticklabels():
+        t.set_ha("right")
+    ax.legend(frameon=False, loc="lower right", fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def predicted_vs_true(pred: pd.DataFrame, r2: pd.DataFrame | None = None, ncols: int = 4, q: float = 0.005):
+    """One scatter per attribute of reply against measured value, axes set to the measured values'
+    central range; replies outside it are drawn on the edge as triangles."""
+    names = [n for n in attributes.NAMES if n in set(pred.attribute)]
+    nrows = math.ceil(len(names) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.1 * ncols, 2.9 * nrows), squeeze=False)
+    for ax in axes.flat[len(names):]:
+        ax.axis("off")
+    score = dict(zip(r2.attribute, r2.r2)) if r2 is not None else {}
+    for ax, name in zip(axes.flat, names):
+        g = pred[(pred.attribute == name) & pred.pred.notna()]
+        lo, hi = np.nanquantile(pred.loc[pred.attribute == name, "true"], [q, 1 - q])
+        pad = 0.05 * ((hi - lo) or 1.0)
+        lo, hi = lo - pad, hi + pad
+        y = g.pred.clip(lo, hi)
+        out = (g.pred < lo) | (g.pred > hi)
+        ax.scatter(g.true[~out], y[~out], s=4, alpha=0.4, color="C0", lw=0)
+        ax.scatter(g.true[out], y[out], s=14, marker="^", color="C3", lw=0)
+        ax.plot([lo, hi], [lo, hi], color="0.4", lw=0.7)
+        ax.set(xlim=(lo, hi), ylim=(lo, hi))
+        unit = attributes.get(name).unit
+        ax.set_title(f"{name}" + (f" ({unit})" if unit else "") +
+                     (f"   R² {score[name]:.2f}" if name in score else ""), fontsize=9)
+        ax.tick_params(labelsize=7)
+    fig.supxlabel("measured")
+    fig.supylabel("model's reply")
+    fig.tight_layout()
+    return fig

@@ -60,3 +60,14 @@ def r2_table(pred: pd.DataFrame) -> pd.DataFrame:
                      "mae": float(np.abs(y - p).mean()) if len(y) else float("nan"),
                      "n": int(ok.sum()), "unparsed": int(g.pred.isna().sum())})
     return pd.DataFrame(rows, columns=["attribute", "r2", "mae", "n", "unparsed"])
+
+
+def worst_cases(pred: pd.DataFrame, names, per_attribute: int = 4) -> pd.DataFrame:
+    """For each attribute in `names`, the `per_attribute` rows of a prediction frame whose reply is
+    furthest from the truth; a reply without a number counts as the worst of all."""
+    rows = []
+    for name in names:
+        g = pred[pred.attribute == name]
+        err = (g.pred - g.true).abs().fillna(float("inf"))
+        rows.append(g.assign(abs_error=err).nlargest(per_attribute, "abs_error"))
+    return pd.concat(rows, ignore_index=True) if rows else pred.head(0).assign(abs_error=[])

@@ -132,9 +132,7 @@ def load(name_or_path, dtype=None, device=None, attn_implementation=None,
     `min_pixels`/`max_pixels` override the saved image processor's bounds (the hub default's
     max_pixels is huge; set them for the real model too). The tokenizer pads on the left.
     """
-    from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
-
-    from .tokenizer import QWEN2VL_CHAT_TEMPLATE
+    from transformers import Qwen2VLForConditionalGeneration
 
     device = torch.device(device or default_device())
     on_gpu = device.type == "cuda"
@@ -155,6 +153,16 @@ def load(name_or_path, dtype=None, device=None, attn_implementation=None,
         str(name_or_path), dtype=dtype, attn_implementation=attn_implementation, use_safetensors=True,
         trust_remote_code=False)
     model.to(device).eval()
+    tokenizer, image_processor = load_processors(name_or_path, min_pixels, max_pixels)
+    return Loaded(model, tokenizer, image_processor)
+
+
+def load_processors(name_or_path, min_pixels: int | None = None, max_pixels: int | None = None):
+    """(tokenizer padding on the left, image processor) of a checkpoint folder or hub id."""
+    from transformers import AutoTokenizer
+
+    from .tokenizer import QWEN2VL_CHAT_TEMPLATE
+
     tokenizer = AutoTokenizer.from_pretrained(str(name_or_path), trust_remote_code=False)
     tokenizer.padding_side = "left"  # last position = last real token (generation, embeddings)
     if tokenizer.chat_template is None:  # older hub repos keep it only in chat_template.json
@@ -166,7 +174,7 @@ def load(name_or_path, dtype=None, device=None, attn_implementation=None,
         image_processor.size["shortest_edge"] = int(min_pixels)
     if max_pixels is not None:
         image_processor.size["longest_edge"] = int(max_pixels)
-    return Loaded(model, tokenizer, image_processor)
+    return tokenizer, image_processor
 
 
 def apply_lora(model, rank: int = 8, alpha: int = 16, dropout: float = 0.05, vision: bool = True,
@@ -195,3 +203,50 @@ def adapted_modules(model) -> list[str]:
 
     names = [n for n, m in model.named_modules() if isinstance(m, LoraLayer)]
     return [re.sub(r"^base_model\.model\.", "", n) for n in names]
+
+
+# ---------------------------------------------------------------------------- fine-tuned models
+FINETUNE_NOTE = "finetune.json"
+
+
+def save_finetuned(model, tokenizer, image_processor, out_dir, base: str, method: str) -> Path:
+    """Save a fine-tuned model so `load_finetuned` can rebuild it; safetensors only.
+
+    method "full": the whole model (like a hub checkpoint). method "lora": only the adapter (a few
+    MB for the 7B model), plus a note naming the base it goes on (hub id or folder)."""
+    import json
+
+    if method not in ("full", "lora"):
+        raise ValueError(f"method must be 'full' or 'lora', not {method!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    is_peft = hasattr(model, "peft_config")
+    if (method == "lora") != is_peft:
+        raise ValueError(f"method {method!r} but the model {'is' if is_peft else 'is not'} a peft model")
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    image_processor.save_pretrained(out)
+    (out / FINETUNE_NOTE).write_text(json.dumps({"method": method, "base": str(base)}, indent=1))
+    return out
+
+
+def load_finetuned(path, merge: bool = True, **load_kw) -> Loaded:
+    """A folder written by `save_finetuned`. LoRA adapters are put on their base and, with
+    `merge`, folded into its weights (same outputs, no adapter overhead at inference)."""
+    import json
+
+    path = Path(path)
+    note = path / FINETUNE_NOTE
+    if not note.exists():
+        raise FileNotFoundError(f"{path} has no {FINETUNE_NOTE}: not a folder written by save_finetuned")
+    info = json.loads(note.read_text())
+    if info["method"] == "full":
+        return load(path, **load_kw)
+    from peft import PeftModel
+
+    base = load(info["base"], **load_kw)
+    peft_model = PeftModel.from_pretrained(base.model, str(path), is_trainable=False)
+    m = peft_model.merge_and_unload() if merge else peft_model
+    # the tokenizer and image processor saved with the adapter: the pixel bounds used in training
+    tokenizer, image_processor = load_processors(path)
+    return Loaded(m.eval(), tokenizer, image_processor)

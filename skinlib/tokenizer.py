@@ -63,11 +63,15 @@ def corpus(n_answers: int = 200, seed: int = 0) -> list[str]:
     from .attributes import ATTRIBUTES
     from .inputs import SYSTEM_PROMPT  # the one system prompt (inputs.py holds it)
 
-    lines = [SYSTEM_PROMPT, "You are a helpful assistant.", "system", "user", "assistant",
+    prose = [SYSTEM_PROMPT, "You are a helpful assistant.", "system", "user", "assistant",
              "Picture 1: ", "Video 1: "]
+    for a in ATTRIBUTES:
+        prose += [a.question, a.meaning, a.name, a.unit]
+    # Twice: the trainer merges only pairs seen at least twice, and a word that occurs once would
+    # stay split into single bytes ("d e r m at ol o g y"): long sequences for nothing.
+    lines = prose + prose
     rng = np.random.default_rng(seed)
     for a in ATTRIBUTES:
-        lines += [a.question, a.meaning, a.name, a.unit]
         # Answers over several magnitudes and both signs: digits, '.', '-' all get seen.
         scale = 10.0 ** rng.uniform(-1, 3, size=n_answers)
         values = scale * rng.choice([-1.0, 1.0], size=n_answers)

@@ -1,7 +1,8 @@
+import numpy as np
 import pandas as pd
 import pytest
 
-from skinlib import attributes
+from skinlib import answers, attributes
 
 
 def test_registry_covers_the_papers_16_attributes():
@@ -33,12 +34,23 @@ def test_lookup_by_name_or_column_and_clear_error():
     assert [a.name for a in attributes.resolve(["A", "B"])] == ["A", "B"]
 
 
-@pytest.mark.parametrize("value,decimals,text", [(5.678, 1, "5.7"), (-7.46, 2, "-7.46"), (-0.001, 2, "0.00"),
-                                                 (12.0, 2, "12.00")])
-def test_answer_is_digits_in_the_registry_format(value, decimals, text):
-    att = next(a for a in attributes.ATTRIBUTES if a.decimals == decimals)
+@pytest.mark.parametrize("name,value,text", [
+    ("areaMM2", 5.678, "05.7"), ("areaMM2", 50.67, "50.7"), ("areaMM2", 141.94, "141.9"),
+    ("deltaL", -7.46, "-07.46"), ("deltaB", -0.001, "0.00"), ("deltaB", -1.5, "-1.50"),
+    ("minorAxisMM", 12.0, "12.00"), ("area_perim_ratio", 0.04, "00.0")])
+def test_answer_is_digits_in_the_registry_format(name, value, text):
+    att = attributes.get(name)
     assert att.format_answer(value) == text
-    assert float(att.format_answer(value)) == pytest.approx(value, abs=10 ** -decimals)
+    assert float(att.format_answer(value)) == pytest.approx(value, abs=10 ** -att.decimals)
+    assert answers.parse_number(text) == pytest.approx(float(text))
+
+
+def test_answer_width_is_fixed_for_typical_values():
+    # every value below 10**int_digits gives the same number of characters (sign aside)
+    rng = np.random.default_rng(0)
+    for att in attributes.ATTRIBUTES:
+        vals = rng.uniform(0, 10 ** att.int_digits - 1, 200)
+        assert len({len(att.format_answer(v)) for v in vals}) == 1, att.name
 
 
 def test_answer_rejects_non_finite():
@@ -56,8 +68,6 @@ def test_named_renames_and_reports_missing_columns(fixtures_dir):
 
 
 def test_zeros_as_missing_only_touches_the_flagged_attributes():
-    import pandas as pd
-
     f = pd.DataFrame({n: [0.0, 1.0] for n in attributes.NAMES})
     g = attributes.zeros_as_missing(f)
     flagged = {a.name for a in attributes.ATTRIBUTES if a.zero_is_missing}

@@ -1,0 +1,114 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Prediction: how well does the model read each attribute? (the paper's Fig. 2)
+#
+# Every test image (patients the model never saw) is asked all 16 questions; the reply is generated
+# greedily and parsed as a number. R² against the measured value, per attribute, says how much of the
+# attribute's variation across lesions the model has learnt to read from the image.
+
+# %% tags=["parameters"]
+profile = "default"  # profile name or path to a profile YAML
+out = None  # run folder; default runs/<profile>
+# Overrides of the profile's `predict` section; None keeps the profile's value.
+n_images = None  # test images asked (None: the profile's; the profile's null: all)
+batch_size = None
+
+# %%
+import matplotlib.pyplot as plt
+import pandas as pd
+from IPython.display import Markdown, display
+
+from skinlib import answers, attributes, config, figures, metrics, model as models, predict, qa, slice3d, split
+
+cfg = config.load_profile(profile)
+pcfg = config.section(cfg, "predict", n_images=n_images, batch_size=batch_size)
+run = config.run_dir(cfg, out)
+config.set_threads(cfg.get("threads", 1))
+manifest = split.load_manifest(config.manifest_path(run))
+test = manifest[manifest.split == "test"]
+if pcfg["n_images"] and pcfg["n_images"] < len(test):
+    test = test.sample(pcfg["n_images"], random_state=cfg["seed"]).sort_index()
+print(f"profile {cfg['name']!r}: {len(test):,} test images of {int((manifest.split == 'test').sum()):,}, "
+      f"{test.patient_id.nunique():,} patients, none seen in training")
+
+# %% [markdown]
+# ## Ask
+#
+# Batched greedy generation with left padding (a batch gives the same replies as one row at a time).
+# Replies are written in shards as they come, so an interrupted run picks up where it stopped.
+
+# %%
+loaded = models.load_finetuned(config.finetuned_dir(run), device=models.default_device())
+release = slice3d.Slice3D(*config.release_files(cfg, run), on_error=cfg["data"]["on_error"])
+images = qa.ImageCache(release, loaded.image_processor, keep=False)
+pred = predict.predict_sharded(loaded.model, loaded.tokenizer, loaded.image_processor, images, test,
+                               config.stage_dir(run, "03_predict") / "shards",
+                               key=str(config.finetuned_dir(run)), batch_size=pcfg["batch_size"])
+pred.to_csv(config.predictions_path(run), index=False)
+r2 = metrics.r2_table(pred)
+config.metrics_dir(run).mkdir(parents=True, exist_ok=True)
+r2.to_csv(config.r2_path(run), index=False)
+print(f"{len(pred):,} replies -> {config.predictions_path(run)}\nsummary -> {config.r2_path(run)}")
+
+# %% [markdown]
+# ## Replies that are not a number
+#
+# A reply that is not one clean number is not scored; it is counted here per attribute (and in the
+# `unparsed` column of `r2.csv`), with examples.
+
+# %%
+bad = answers.unparsed_report(pred, by="attribute")
+n_bad = int(pred.pred.isna().sum())
+print(f"{n_bad} of {len(pred):,} replies ({n_bad / len(pred):.2%}) are not a number")
+if n_bad:
+    display(bad)
+
+# %% [markdown]
+# ## R² per attribute
+
+# %%
+fig = figures.r2_bars(r2, paper_range=(0.71, 0.96))
+plt.show()
+lo, hi, med = r2.r2.min(), r2.r2.max(), r2.r2.median()
+display(Markdown(
+    f"**The paper** (Qwen2-VL-7B, real SLICE-3D, 118,495 test images): R² between 0.71 and 0.96 across "
+    f"the 16 attributes. **This run** ({cfg['name']} profile, {len(test):,} test images): R² between "
+    f"{lo:.2f} ({r2.attribute[r2.r2.idxmin()]}) and {hi:.2f} ({r2.attribute[r2.r2.idxmax()]}), "
+    f"median {med:.2f}; {int((r2.r2 >= 0.70).sum())} of {len(r2)} attributes reach 0.70; "
+    f"{n_bad / len(pred):.2%} of the replies were not a number."))
+display(r2.round(3))
+
+# %% [markdown]
+# ## Predicted against measured
+#
+# One panel per attribute; the diagonal is a perfect reading. Replies far outside the measured range
+# are drawn on the panel's edge (as triangles) rather than stretching the axes.
+
+# %%
+fig = figures.predicted_vs_true(pred, r2)
+plt.show()
+
+# %% [markdown]
+# ## The worst readings
+#
+# For the four attributes with the lowest R², the test images whose reply is furthest from the
+# measured value, with both numbers: where the model is wrong, and whether the image explains it.
+
+# %%
+worst = metrics.worst_cases(pred, r2.nsmallest(4, "r2").attribute, per_attribute=4)
+fig = figures.image_grid(
+    [release.image(i) for i in worst.isic_id],
+    [f"{r.attribute}\ntrue {r.true:.2f}  reply {r.reply or '—'}" for r in worst.itertuples()],
+    ncols=8, size=1.7)
+plt.show()
