@@ -21,6 +21,8 @@ STAGES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("01_data", "notebooks/01_data.py", ("data", "reference")),
     ("02_finetune", "notebooks/02_finetune.py", ("model", "train")),
     ("03_predict", "notebooks/03_predict.py", ("predict",)),
+    ("04_embed", "notebooks/04_embed.py", ("embed",)),
+    ("05_retrieval", "notebooks/05_retrieval.py", ("retrieval",)),
 )
 STAGE_NAMES: tuple[str, ...] = tuple(s[0] for s in STAGES)
 
@@ -148,6 +150,29 @@ def metrics_dir(run) -> Path:
 
 def r2_path(run) -> Path:
     return metrics_dir(run) / "r2.csv"
+
+
+def embeddings_dir(run, which: str) -> Path:
+    """Shards of one extraction: tuned_db, tuned_queries, untuned_db, ... (04_embed)."""
+    return stage_dir(run, "04_embed") / "embeddings" / which
+
+
+def encoder_dir(run) -> Path:
+    """The baseline image encoder, method (e)."""
+    return stage_dir(run, "04_embed") / "encoder"
+
+
+def queries_path(run) -> Path:
+    """The query images (test split or its seeded subset), one isic_id per row."""
+    return stage_dir(run, "04_embed") / "queries.csv"
+
+
+def percentiles_path(run) -> Path:
+    return stage_dir(run, "05_retrieval") / "percentiles.parquet"
+
+
+def retrieval_path(run) -> Path:
+    return metrics_dir(run) / "retrieval.csv"
 
 
 def set_threads(n: int) -> None:

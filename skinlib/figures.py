@@ -138,3 +138,51 @@ def predicted_vs_true(pred: pd.DataFrame, r2: pd.DataFrame | None = None, ncols:
     fig.supylabel("model's reply")
     fig.tight_layout()
     return fig
+
+
+def embedding_map(xy: np.ndarray, values: pd.DataFrame, names, ncols: int = 4):
+    """2-D projection of embeddings, one panel per attribute, points coloured by its value
+    (colour scale clipped to the 2nd-98th percentile so a few extremes do not flatten it)."""
+    names = list(names)
+    ncols = min(ncols, len(names))
+    nrows = math.ceil(len(names) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.3 * ncols, 3.1 * nrows), squeeze=False)
+    for ax in axes.flat[len(names):]:
+        ax.axis("off")
+    for ax, name in zip(axes.flat, names):
+        v = values[name].to_numpy(float)
+        lo, hi = np.nanpercentile(v, [2, 98])
+        sc = ax.scatter(xy[:, 0], xy[:, 1], c=v, s=3, cmap="viridis", vmin=lo, vmax=hi, lw=0)
+        fig.colorbar(sc, ax=ax, shrink=0.8)
+        unit = attributes.get(name).unit
+        ax.set_title(name + (f" ({unit})" if unit else ""), fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.supxlabel("principal component 1")
+    fig.supylabel("principal component 2")
+    fig.tight_layout()
+    return fig
+
+
+def percentile_boxes(long: pd.DataFrame, order, labels: dict | None = None, ncols: int = 4):
+    """Fig. 4: per attribute, a box of the top-k percentile ranks for each method (lower is better)."""
+    names = [n for n in attributes.NAMES if n in set(long.attribute)]
+    nrows = math.ceil(len(names) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 2.8 * nrows), squeeze=False, sharey=True)
+    for ax in axes.flat[len(names):]:
+        ax.axis("off")
+    order = [m for m in order if m in set(long.method)]
+    palette = dict(zip(order, sns.color_palette("colorblind", len(order))))
+    for ax, name in zip(axes.flat, names):
+        g = long[long.attribute == name]
+        sns.boxplot(data=g, x="method", y="percentile", hue="method", order=order, hue_order=order,
+                    palette=palette, ax=ax, showfliers=False, width=0.7, legend=False)
+        ax.axhline(50, color="0.5", ls="--", lw=0.7)
+        ax.set(title=name, xlabel="", ylabel="percentile" if ax in axes[:, 0] else "", ylim=(0, 100))
+        ax.set_xticks(range(len(order)))
+        ax.set_xticklabels([""] * len(order))
+    handles = [plt.Rectangle((0, 0), 1, 1, color=palette[m]) for m in order]
+    fig.legend(handles, [(labels or {}).get(m, m) for m in order], loc="lower center", ncol=len(order),
+               frameon=False, fontsize=9)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    return fig

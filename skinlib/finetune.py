@@ -17,11 +17,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import config, model as models, qa, split, tuples
+from . import config, model as models, qa, split, tuples, warmup
 from .train import HISTORY, Settings, train
 
 TRAIN_KEYS = set(Settings.__dataclass_fields__)
-STAGE_KEYS = {"method", "lora", "w", "tuple_seed", "packed", "keep_images"}
+STAGE_KEYS = {"method", "lora", "w", "tuple_seed", "packed", "keep_images", "compare_steps", "vision_warmup"}
 
 
 def settings(train_cfg: dict) -> Settings:
@@ -84,6 +84,15 @@ def run(cfg: dict, run_dir, device=None, progress: bool = True, stop_after: int 
         cache.fill(tup.isic_id.unique(), progress=progress and acc.is_main_process)
     data = qa.TupleDataset(tup, cache, packed=cfg["train"]["packed"])
     net = loaded.model
+    wu = cfg["train"].get("vision_warmup") or {}
+    warmed = None
+    if wu.get("steps"):
+        if cfg["train"]["method"] != "full":
+            raise ValueError("train.vision_warmup is for full fine-tuning of a random-init model; "
+                             "set its steps to 0 with method 'lora'")
+        warmed = warmup.warm_up(net, tup, cache, config.stage_dir(run_dir, "02_finetune"), steps=wu["steps"],
+                                batch_size=wu["batch_size"], lr=wu["lr"], seed=st.seed,
+                                progress=progress and acc.is_main_process)
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
     total = sum(p.numel() for p in net.parameters())
     t0 = time.perf_counter()
@@ -98,6 +107,7 @@ def run(cfg: dict, run_dir, device=None, progress: bool = True, stop_after: int 
         "parameters": total, "steps": result["total_steps"], "resumed_from": result["resumed_from"],
         "train_seconds": round(time.perf_counter() - t0, 1), "processes": acc.num_processes,
         "device": str(acc.device), "packed": cfg["train"]["packed"],
+        "vision_warmup_steps": int(wu.get("steps") or 0),
     }
     acc.wait_for_everyone()
     if acc.is_main_process:

@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import torch
 
-# The tiny default (facts.md, "Qwen2-VL"): ~0.7 M parameters with the small tokenizer.
+# The tiny default: ~0.7 M parameters with the small tokenizer.
 TINY_SIZES: dict = {
     "vision_depth": 2,
     "vision_embed_dim": 64,

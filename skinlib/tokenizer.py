@@ -151,7 +151,7 @@ def build_tokenizer():
     fast = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_trained()), padding_side="left",
                                    clean_up_tokenization_spaces=False)
     # Set eos/pad only now: passing eos_token to the constructor registers it before the others
-    # and shifts the special-token ids away from Qwen2-VL's order (facts.md).
+    # and shifts the special-token ids away from Qwen2-VL's order.
     fast.eos_token = EOS_TOKEN
     fast.pad_token = PAD_TOKEN
     fast.chat_template = QWEN2VL_CHAT_TEMPLATE

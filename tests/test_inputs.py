@@ -25,7 +25,7 @@ def image(size, seed=0):
 
 
 def processor(loaded):
-    """A torchvision-free Qwen2VLProcessor (facts.md): the reference for the image-pad expansion."""
+    """A torchvision-free Qwen2VLProcessor: the reference for the image-pad expansion."""
     from transformers import Qwen2VLProcessor
 
     class Proc(Qwen2VLProcessor):

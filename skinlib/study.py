@@ -1,0 +1,253 @@
+"""The retrieval study of the paper (§3.3, §4.2) for one run: which vectors, which methods, scores.
+
+Database = the training images, queries = (a seeded subset of) the test images, as in the paper.
+Methods, each a function query -> top-k database ids (`METHODS` names them as retrieval.csv does):
+
+  image_text      (a) h_im,a: one flat index per attribute over the database's image+text vectors
+  hierarchical    (b) top-b by h_im, re-ranked by h_im,a computed on the fly for the candidates
+  image           (c) h_im of the fine-tuned model
+  image_untuned   (d) h_im of the model before fine-tuning
+  baseline_encoder(e) a general image encoder trained without the attributes (skinlib.encoder)
+  multi_attribute (f) one question about several attributes, final token (beyond the paper)
+  image_text_sq8  (a) with 8-bit scalar-quantised indexes (beyond the paper: 4x less memory)
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import attributes, config, embed, evaluate, retrieval
+
+PAPER_METHODS = ("image_text", "hierarchical", "image", "image_untuned", "baseline_encoder")
+EXTRA_METHODS = ("multi_attribute", "image_text_sq8")
+LABELS = {
+    "image_text": "(a) image+text",
+    "hierarchical": "(b) hierarchical",
+    "image": "(c) image, fine-tuned",
+    "image_untuned": "(d) image, untuned",
+    "baseline_encoder": "(e) baseline encoder",
+    "multi_attribute": "(f) multi-attribute",
+    "image_text_sq8": "(a) image+text, SQ8",
+}
+
+
+def queries(manifest: pd.DataFrame, n: int | None, seed: int) -> pd.DataFrame:
+    """The query images: the test split, or a seeded subset of `n` of it (in manifest order)."""
+    test = manifest[manifest.split == "test"]
+    if n and n < len(test):
+        test = test.sample(n, random_state=seed).sort_index()
+    return test
+
+
+class CandidateEmbedder:
+    """`(ids, attribute) -> h_im,a vectors` computed with the model on demand, for the
+    hierarchical method. The first time an image is needed all 16 questions are answered from
+    one prefix pass (that is what the prefix sharing buys), and kept; `computed` counts images."""
+
+    def __init__(self, loaded, images, names=None, batch_size: int = 8):
+        self.loaded, self.images, self.batch_size = loaded, images, batch_size
+        self.names = [a.name for a in attributes.resolve(names)]
+        self.prompts = embed.Prompts(loaded.tokenizer, loaded.image_processor, embed.attribute_questions(self.names))
+        self.store: dict[str, np.ndarray] = {}
+        self.computed = 0
+
+    def __call__(self, ids, attribute: str) -> np.ndarray:
+        todo = [i for i in dict.fromkeys(map(str, ids)) if i not in self.store]
+        for s in range(0, len(todo), 64):
+            chunk = todo[s:s + 64]
+            out = embed.embed(self.loaded.model, self.loaded.tokenizer, self.loaded.image_processor,
+                              [self.images[i] for i in chunk], self.prompts.questions, image=False,
+                              batch_size=self.batch_size, prompts=self.prompts)["image_text"].numpy()
+            self.store.update(zip(chunk, out))
+            self.computed += len(chunk)
+        j = self.names.index(attribute)
+        return np.stack([self.store[str(i)][j] for i in ids])
+
+
+def flat(vectors: np.ndarray, ids) -> retrieval.FlatIndex:
+    index = retrieval.FlatIndex(vectors.shape[1], device="auto")
+    index.add(vectors.astype(np.float32), np.asarray(ids))
+    return index
+
+
+def run_methods(db_ids, q_ids, vec: dict, k: int = 5, b: int = 200, candidates=None,
+                multi_names=(), names=None, progress: bool = True):
+    """Top-k ids per (method, attribute): {(method, attribute or None): ids (Q, k)}, plus timing and
+    memory per method. `vec` holds the arrays: db_image, q_image, db_image_text (N, A, d),
+    q_image_text, db_untuned, q_untuned, db_encoder, q_encoder, db_multi, q_multi (any may be
+    missing; its methods are skipped). `candidates` computes h_im,a for the hierarchical method
+    (default: look them up in db_image_text — the same numbers)."""
+    from tqdm.auto import tqdm
+
+    names = [a.name for a in attributes.resolve(names)]
+    db_ids, q_ids = np.asarray(db_ids), np.asarray(q_ids)
+    out, cost = {}, []
+
+    def timed(method, fn, index_bytes):
+        t0 = time.perf_counter()
+        res = fn()
+        cost.append({"method": method, "seconds": time.perf_counter() - t0, "index_bytes": index_bytes})
+        return res
+
+    for m, key in (("image", "image"), ("image_untuned", "untuned"), ("baseline_encoder", "encoder")):
+        if f"db_{key}" in vec:
+            index = flat(vec[f"db_{key}"], db_ids)
+            out[(m, None)] = timed(m, lambda: index.search(vec[f"q_{key}"].astype(np.float32), k)[0], index.nbytes)
+    if "db_image_text" in vec:
+        for kind, method in (("flat", "image_text"), ("sq8", "image_text_sq8")):
+            total, secs = 0, 0.0
+            for j, name in enumerate(tqdm(names, desc=method, disable=not progress)):
+                x = vec["db_image_text"][:, j].astype(np.float32)
+                index = flat(x, db_ids) if kind == "flat" else retrieval.CompressedIndex(x.shape[1], "sq8")
+                if kind != "flat":
+                    index.add(x, db_ids)
+                t0 = time.perf_counter()
+                out[(method, name)] = index.search(vec["q_image_text"][:, j].astype(np.float32), k)[0]
+                secs += time.perf_counter() - t0
+                total += index.nbytes
+            cost.append({"method": method, "seconds": secs, "index_bytes": total})
+        image_index = flat(vec["db_image"], db_ids)
+        if candidates is None:
+            pos = {i: n for n, i in enumerate(db_ids)}
+
+            def candidates(ids, attribute):
+                return vec["db_image_text"][[pos[i] for i in ids], names.index(attribute)].astype(np.float32)
+        cache = retrieval.EmbedCache(candidates)
+        t0 = time.perf_counter()
+        for j, name in enumerate(tqdm(names, desc="hierarchical", disable=not progress)):
+            out[("hierarchical", name)] = retrieval.hierarchical(
+                image_index, vec["q_image"].astype(np.float32), vec["q_image_text"][:, j].astype(np.float32),
+                cache, name, k=k, b=min(b, len(db_ids)))[0]
+        cost.append({"method": "hierarchical", "seconds": time.perf_counter() - t0,
+                     "index_bytes": image_index.nbytes, "candidates_embedded": cache.computed})
+    if "db_multi" in vec and multi_names:
+        index = flat(vec["db_multi"], db_ids)
+        res = timed("multi_attribute", lambda: index.search(vec["q_multi"].astype(np.float32), k)[0], index.nbytes)
+        for name in multi_names:
+            out[("multi_attribute", name)] = res
+    return out, pd.DataFrame(cost)
+
+
+def score(results: dict, db: pd.DataFrame, q: pd.DataFrame, names=None) -> pd.DataFrame:
+    """Percentile ranks (evaluate.percentile_frame) for every (method, attribute) result; a method
+    without an attribute (image-only ones) is scored on all attributes."""
+    names = [a.name for a in attributes.resolve(names)]
+    frames = []
+    for (method, name), ids in results.items():
+        which = names if name is None else [name]
+        frames.append(evaluate.percentile_frame(db, q, ids, names=which, method=method))
+    long = pd.concat(frames, ignore_index=True)
+    long["method"] = long["method"].astype(str)
+    long["attribute"] = long["attribute"].astype(str)
+    return long
+
+
+def ordering_check(summary: pd.DataFrame) -> pd.DataFrame:
+    """Per attribute: does the paper's ordering image+text <= hierarchical < image < untuned hold
+    (medians)? One row per attribute with the medians and a yes/no per comparison."""
+    wide = summary.pivot(index="attribute", columns="method", values="median_percentile")
+    wide = wide.reindex([a for a in attributes.NAMES if a in wide.index])
+    out = pd.DataFrame(index=wide.index)
+    for m in PAPER_METHODS:
+        if m in wide:
+            out[m] = wide[m].round(1)
+    if {"image_text", "hierarchical", "image", "image_untuned"} <= set(wide):
+        out["a ≤ b"] = wide.image_text <= wide.hierarchical
+        out["b < c"] = wide.hierarchical < wide.image
+        out["a < c"] = wide.image_text < wide.image
+        out["c < d"] = wide.image < wide.image_untuned
+        out["|a − b| ≤ 2"] = (wide.image_text - wide.hierarchical).abs() <= 2
+    return out.reset_index()
+
+
+def pca2(x: np.ndarray) -> np.ndarray:
+    """The first two principal components (numpy SVD), for the embedding map."""
+    x = np.asarray(x, dtype=np.float64)
+    x = x - x.mean(0)
+    _, _, vt = np.linalg.svd(x, full_matrices=False)
+    return x @ vt[:2].T
+
+
+def load_vectors(run, which: str) -> tuple[list[str], dict]:
+    """Embeddings of one extraction (config.embeddings_dir(run, which)) as float32."""
+    ids, arrays = embed.load_embeddings(config.embeddings_dir(run, which), dtype=np.float32)
+    return ids, arrays
+
+
+def embed_question(loaded, images, ids, question: str, batch_size: int = 8, chunk: int = 256) -> np.ndarray:
+    """h at the final token of [image, question] for every id (one question, e.g. method f)."""
+    from tqdm.auto import tqdm
+
+    prompts = embed.Prompts(loaded.tokenizer, loaded.image_processor, [question])
+    out = []
+    for s in tqdm(range(0, len(ids), chunk), desc="embed", unit="chunk"):
+        got = embed.embed(loaded.model, loaded.tokenizer, loaded.image_processor,
+                          [images[i] for i in ids[s:s + chunk]], [question], image=False,
+                          batch_size=batch_size, prompts=prompts)
+        out.append(got["image_text"][:, 0].numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def save_array(run, name: str, array: np.ndarray) -> Path:
+    """One small array of vectors (float16 .npy, no pickle) next to the extracted shards."""
+    path = config.embeddings_dir(run, name).with_suffix(".npy")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, np.asarray(array, dtype=np.float16), allow_pickle=False)
+    return path
+
+
+def load_array(run, name: str) -> np.ndarray:
+    return np.load(config.embeddings_dir(run, name).with_suffix(".npy"), allow_pickle=False).astype(np.float32)
+
+
+def ordering_counts(check: pd.DataFrame) -> str:
+    """One sentence: for how many attributes each step of the paper's ordering holds, and where not."""
+    n = len(check)
+    parts = []
+    for col, text in (("a < c", "image+text beats image-only"), ("c < d", "image-only (tuned) beats untuned"),
+                      ("|a − b| ≤ 2", "hierarchical is within 2 points of image+text")):
+        if col in check:
+            bad = check.attribute[~check[col]].tolist()
+            parts.append(f"{text} for {n - len(bad)} of {n} attributes" +
+                         (f" (not: {', '.join(bad)})" if bad else ""))
+    if {"a < c", "c < d"} <= set(check):
+        both = int((check["a < c"] & check["c < d"]).sum())
+        parts.append(f"image+text < image-only < untuned holds for {both} of {n}")
+    return "; ".join(parts) + "."
+
+
+def example_queries(q: pd.DataFrame, name: str, n: int = 4, seed: int = 0) -> list[str]:
+    """n query ids spread over the attribute's range (one from each of n quantile bins)."""
+    v = q[["isic_id", name]].dropna()
+    bins = pd.qcut(v[name].rank(method="first"), n, labels=False)
+    return [v[bins == i].sample(1, random_state=seed + i).isic_id.iloc[0] for i in range(n)]
+
+
+def cost_table(cost: pd.DataFrame, summary: pd.DataFrame, n_queries: int) -> pd.DataFrame:
+    """Quality, memory and query time per method: the median over attributes of the median
+    percentile, the index memory, and the search time per query (all attributes)."""
+    quality = summary.groupby("method").median_percentile.median()
+    out = cost.set_index("method").copy()
+    out["median percentile (median over attributes)"] = quality.reindex(out.index).round(1)
+    out["index memory (MB)"] = (out.pop("index_bytes") / 2 ** 20).round(2)
+    out["ms per query"] = (1e3 * out.pop("seconds") / max(n_queries, 1)).round(2)
+    return out.reset_index()
+
+
+def baseline_encoder(cfg: dict, run, release, ids):
+    """Method (e)'s encoder from the profile's embed.encoder: MONET from the hub (paper profile),
+    or the contrastive stand-in trained on the database images without labels (loaded if this run
+    already trained one with the same settings)."""
+    from . import encoder
+
+    spec = dict(cfg["embed"]["encoder"])
+    # a profile inheriting another may carry both kinds' settings: keep the chosen kind's
+    if spec.get("kind") == "monet":
+        spec = {k: v for k, v in spec.items() if k in ("kind", "name", "dtype", "revision")}
+    elif spec.get("kind") == "contrastive":
+        spec = {k: v for k, v in spec.items() if k not in ("name", "dtype", "revision")}
+        spec["path"] = str(config.encoder_dir(run))
+    return encoder.load_encoder(spec, images=lambda: [release.image(i) for i in ids])

@@ -1,0 +1,94 @@
+"""Vision warm-up for a random-init model: a linear read-out of the vision tower, thrown away after.
+
+The paper fine-tunes a Qwen2-VL whose vision tower was pretrained on millions of images: it already
+sees lesions, and the language model already reads its tokens. The tiny default starts from random
+weights; trained on question–answer tuples alone, its language model learns each attribute's usual
+answer long before its vision tower learns to see the lesion, and it stalls there (the book shows
+the measurement). A short warm-up stands in for the missing pretraining: the vision tower's output
+tokens are averaged, a linear read-out regresses the *same training tuples'* values (standardised,
+only the W attributes drawn per image), and after a few hundred steps the read-out is discarded.
+The model that is then fine-tuned is an ordinary Qwen2-VL; no test image and no other label is used.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import attributes
+
+WEIGHTS = "vision-warmup.safetensors"
+
+
+def targets(tup: pd.DataFrame, names=None) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """(image ids, standardised values (n, A) with NaN where not drawn, and the mask) from tuples."""
+    atts = [a.name for a in attributes.resolve(names)]
+    unknown = set(tup.attribute) - set(atts)
+    if unknown:
+        raise KeyError(f"warm-up: tuples name unknown attribute(s) {sorted(unknown)}")
+    wide = tup.pivot_table(index="isic_id", columns="attribute", values="value", aggfunc="first", sort=False)
+    wide = wide.reindex(columns=atts)
+    vals = wide.to_numpy(float)
+    seen = np.isfinite(vals)
+    n = seen.sum(0)
+    mu = np.where(seen, vals, 0).sum(0) / np.maximum(n, 1)  # attributes never drawn: no NaN warnings
+    sd = np.sqrt(np.where(seen, (vals - mu) ** 2, 0).sum(0) / np.maximum(n, 1))
+    sd = np.where(sd > 0, sd, 1.0)
+    z = (vals - mu) / sd
+    return list(wide.index), z, np.isfinite(z)
+
+
+def _pooled(visual, encoded) -> torch.Tensor:
+    """Mean of the vision tower's (merged) output tokens per image."""
+    out = visual(torch.cat([e.pixel_values for e in encoded]).to(next(visual.parameters()).device),
+                 grid_thw=torch.stack([e.grid_thw for e in encoded]).to(next(visual.parameters()).device))
+    tokens = out.pooler_output if hasattr(out, "pooler_output") else out
+    counts = [int(e.grid_thw.prod()) // visual.spatial_merge_size ** 2 for e in encoded]
+    return torch.stack([t.mean(0) for t in torch.split(tokens, counts)])
+
+
+def warm_up(model, tup: pd.DataFrame, images, out_dir, steps: int = 400, batch_size: int = 32,
+            lr: float = 1e-3, seed: int = 0, progress: bool = True) -> dict:
+    """Warm up `model`'s vision tower in place (see the module doc); returns {steps, loss_start,
+    loss_end}. The warmed weights are saved in `out_dir`; a second call loads them instead of
+    training again (an interrupted fine-tuning run does not redo the warm-up)."""
+    from safetensors.torch import load_file, save_file
+    from tqdm.auto import tqdm
+
+    visual = model.model.visual if hasattr(model, "model") and hasattr(model.model, "visual") else model.visual
+    path = Path(out_dir) / WEIGHTS
+    if path.exists():
+        visual.load_state_dict(load_file(path))
+        return {"steps": steps, "reused": str(path)}
+    ids, z, mask = targets(tup)
+    y = torch.tensor(np.nan_to_num(z), dtype=torch.float32)
+    m = torch.tensor(mask, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    dim = visual.merger.mlp[-1].out_features
+    head = torch.nn.Linear(dim, y.shape[1]).to(next(visual.parameters()).device)
+    was = visual.training
+    visual.train()
+    for p in visual.parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(list(visual.parameters()) + list(head.parameters()), lr=lr)
+    losses = []
+    bar = tqdm(range(steps), desc="vision warm-up", unit="step", disable=not progress)
+    for _ in bar:
+        idx = torch.randperm(len(ids), generator=gen)[:batch_size]
+        pred = head(_pooled(visual, [images[ids[i]] for i in idx.tolist()]))
+        dev = pred.device
+        loss = (((pred - y[idx].to(dev)) ** 2) * m[idx].to(dev)).sum() / m[idx].sum().clamp(min=1).to(dev)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+    visual.train(was)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".partial")
+    save_file({k: v.detach().contiguous().cpu() for k, v in visual.state_dict().items()}, str(tmp))
+    tmp.replace(path)
+    return {"steps": steps, "loss_start": float(np.mean(losses[:20])), "loss_end": float(np.mean(losses[-20:]))}
