@@ -1,0 +1,100 @@
+"""The retrieval study's glue on synthetic vectors whose neighbours are known: every method runs,
+image+text beats image-only where the vectors say it should, and the summaries read right."""
+import numpy as np
+import pandas as pd
+import pytest
+
+from skinlib import attributes, evaluate, study
+
+
+def synthetic(n_db=300, n_q=40, d=16, seed=0):
+    """Database/query frames and vectors: the image vector encodes areaMM2 weakly, the image+text
+    vector for areaMM2 encodes it strongly; other attributes' image+text vectors are noise."""
+    rng = np.random.default_rng(seed)
+    names = list(attributes.NAMES)
+
+    def frame(n, prefix):
+        f = pd.DataFrame({n_: rng.normal(10, 3, n) for n_ in names})
+        f.insert(0, "isic_id", [f"{prefix}{i:04d}" for i in range(n)])
+        return f
+
+    db, q = frame(n_db, "D"), frame(n_q, "Q")
+
+    def vecs(f):
+        area = (f.areaMM2.to_numpy() - 10) / 3
+        img = rng.normal(size=(len(f), d))
+        img[:, 0] += 1.0 * area
+        joint = rng.normal(size=(len(f), len(names), d))
+        joint[:, 0, 0] += 6.0 * area
+        joint[:, :, 1] += 5.0  # a shared offset: cosine must not be dominated by noise alone
+        return img, joint
+
+    db_img, db_joint = vecs(db)
+    q_img, q_joint = vecs(q)
+    vec = {"db_image": db_img, "q_image": q_img, "db_image_text": db_joint, "q_image_text": q_joint,
+           "db_untuned": rng.normal(size=(n_db, d)), "q_untuned": rng.normal(size=(n_q, d)),
+           "db_encoder": db_img, "q_encoder": q_img,
+           "db_multi": db_joint[:, 0], "q_multi": q_joint[:, 0]}
+    return db, q, vec
+
+
+def test_every_method_runs_and_the_grounded_vectors_win_where_they_should():
+    db, q, vec = synthetic()
+    res, cost = study.run_methods(db.isic_id, q.isic_id, vec, k=5, b=50, multi_names=["areaMM2", "Bext"],
+                                  progress=False)
+    methods = {m for m, _ in res}
+    assert methods == set(study.PAPER_METHODS) | set(study.EXTRA_METHODS)
+    assert all(ids.shape == (len(q), 5) for ids in res.values())
+    assert set(cost.method) == methods
+    long = study.score(res, db, q)
+    summ = evaluate.summary(long)
+    med = summ.pivot(index="attribute", columns="method", values="median_percentile")
+    assert med.loc["areaMM2", "image_text"] < med.loc["areaMM2", "image"] < med.loc["areaMM2", "image_untuned"]
+    assert med.loc["areaMM2", "image_text"] < 25  # chance is 50
+    # SQ8 keeps the ranking nearly intact at a quarter of the memory
+    assert abs(med.loc["areaMM2", "image_text_sq8"] - med.loc["areaMM2", "image_text"]) < 5
+    mem = cost.set_index("method").index_bytes
+    assert mem["image_text_sq8"] < 0.35 * mem["image_text"]
+    # hierarchical with b = the whole database is exactly image+text
+    res_all, _ = study.run_methods(db.isic_id, q.isic_id, vec, k=5, b=len(db), progress=False)
+    assert (res_all[("hierarchical", "areaMM2")] == res_all[("image_text", "areaMM2")]).all()
+
+
+def test_candidates_can_come_from_a_function_and_are_computed_once_per_image_and_attribute():
+    db, q, vec = synthetic(n_db=120, n_q=10)
+    pos = {i: n for n, i in enumerate(db.isic_id)}
+    calls = []
+
+    def candidates(ids, attribute):
+        calls.append(len(ids))
+        return vec["db_image_text"][[pos[i] for i in ids], attributes.NAMES.index(attribute)]
+
+    res, cost = study.run_methods(db.isic_id, q.isic_id, vec, k=3, b=30, candidates=candidates, progress=False)
+    lookup, _ = study.run_methods(db.isic_id, q.isic_id, vec, k=3, b=30, progress=False)
+    assert (res[("hierarchical", "A")] == lookup[("hierarchical", "A")]).all()
+    done = cost.set_index("method").loc["hierarchical", "candidates_embedded"]
+    assert done == sum(calls) <= 16 * len(db)
+
+
+def test_ordering_check_and_its_sentence():
+    rows = []
+    for j, name in enumerate(attributes.NAMES):
+        good = j != 3  # one attribute breaks the ordering
+        for m, v in zip(study.PAPER_METHODS, (10, 11, 20 if good else 5, 30, 40)):
+            rows.append({"method": m, "attribute": name, "median_percentile": float(v),
+                         "mean_percentile": float(v), "n_queries": 7})
+    check = study.ordering_check(pd.DataFrame(rows))
+    assert check["a < c"].sum() == 15 and not check.set_index("attribute").loc[attributes.NAMES[3], "a < c"]
+    text = study.ordering_counts(check)
+    assert "15 of 16" in text and attributes.NAMES[3] in text
+
+
+def test_example_queries_spread_over_the_range_and_pca_shape():
+    q = pd.DataFrame({"isic_id": [f"Q{i}" for i in range(100)], "areaMM2": np.arange(100.0)})
+    pick = study.example_queries(q, "areaMM2", n=4, seed=0)
+    vals = sorted(q.set_index("isic_id").areaMM2[pick])
+    assert [v // 25 for v in vals] == [0, 1, 2, 3]
+    xy = study.pca2(np.random.default_rng(0).normal(size=(50, 8)))
+    assert xy.shape == (50, 2)
+    with pytest.raises(ValueError):
+        study.example_queries(q.head(2), "areaMM2", n=4)
