@@ -31,13 +31,11 @@ packed = None
 compare_steps = None  # tiny model only: steps of the LoRA-vs-full comparison below (0: skip it)
 
 # %%
-import json
-
 import matplotlib.pyplot as plt
 import pandas as pd
 from IPython.display import display
 
-from skinlib import attributes, config, figures, finetune, qa, train as training
+from skinlib import attributes, config, figures, finetune, train as training
 
 cfg = config.load_profile(profile)
 cfg["train"] = config.section(cfg, "train", method=method, lr=lr, batch_size=batch_size, epochs=epochs,

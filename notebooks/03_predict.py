@@ -26,10 +26,9 @@ batch_size = None
 
 # %%
 import matplotlib.pyplot as plt
-import pandas as pd
 from IPython.display import Markdown, display
 
-from skinlib import answers, attributes, config, figures, metrics, model as models, predict, qa, slice3d, split
+from skinlib import answers, config, figures, metrics, model as models, predict, qa, slice3d, split
 
 cfg = config.load_profile(profile)
 pcfg = config.section(cfg, "predict", n_images=n_images, batch_size=batch_size)
@@ -80,13 +79,18 @@ if n_bad:
 # %%
 fig = figures.r2_bars(r2, paper_range=(0.71, 0.96))
 plt.show()
-lo, hi, med = r2.r2.min(), r2.r2.max(), r2.r2.median()
-display(Markdown(
-    f"**The paper** (Qwen2-VL-7B, real SLICE-3D, 118,495 test images): R² between 0.71 and 0.96 across "
-    f"the 16 attributes. **This run** ({cfg['name']} profile, {len(test):,} test images): R² between "
-    f"{lo:.2f} ({r2.attribute[r2.r2.idxmin()]}) and {hi:.2f} ({r2.attribute[r2.r2.idxmax()]}), "
-    f"median {med:.2f}; {int((r2.r2 >= 0.70).sum())} of {len(r2)} attributes reach 0.70; "
-    f"{n_bad / len(pred):.2%} of the replies were not a number."))
+scored = r2.dropna(subset=["r2"])
+paper = ("**The paper** (Qwen2-VL-7B, real SLICE-3D, 118,495 test images): R² between 0.71 and 0.96 "
+         "across the 16 attributes. ")
+if scored.empty:
+    this = f"**This run** ({cfg['name']} profile): no attribute could be scored: no reply was a number."
+else:
+    lo, hi = scored.loc[scored.r2.idxmin()], scored.loc[scored.r2.idxmax()]
+    this = (f"**This run** ({cfg['name']} profile, {len(test):,} test images): R² between {lo.r2:.2f} "
+            f"({lo.attribute}) and {hi.r2:.2f} ({hi.attribute}), median {scored.r2.median():.2f}; "
+            f"{int((scored.r2 >= 0.70).sum())} of {len(r2)} attributes reach 0.70; "
+            f"{n_bad / len(pred):.2%} of the replies were not a number.")
+display(Markdown(paper + this))
 display(r2.round(3))
 
 # %% [markdown]
@@ -106,7 +110,8 @@ plt.show()
 # measured value, with both numbers: where the model is wrong, and whether the image explains it.
 
 # %%
-worst = metrics.worst_cases(pred, r2.nsmallest(4, "r2").attribute, per_attribute=4)
+worst = metrics.worst_cases(pred, r2.sort_values("r2", na_position="first").attribute.head(4),
+                            per_attribute=4)
 fig = figures.image_grid(
     [release.image(i) for i in worst.isic_id],
     [f"{r.attribute}\ntrue {r.true:.2f}  reply {r.reply or '—'}" for r in worst.itertuples()],

@@ -29,11 +29,10 @@ batch_size = None
 import time
 
 import matplotlib.pyplot as plt
-import numpy as np
 import pandas as pd
 from IPython.display import display
 
-from skinlib import config, embed, figures, finetune, model as models, qa, slice3d, split, study
+from skinlib import config, embed, figures, model as models, qa, slice3d, split, study
 
 cfg = config.load_profile(profile)
 ecfg = config.section(cfg, "embed", n_queries=n_queries, batch_size=batch_size)
@@ -80,33 +79,8 @@ print(f"largest difference fast vs full forward over h_im and all 16 h_im,a: {di
 # database size.
 
 # %%
-multi = list(ecfg["multi"])
-multi_q = embed.multi_question(multi)
-timings = {}
-
-
-def extract(which, loaded, ids, kinds, names=None):
-    t0 = time.perf_counter()
-    embed.extract(loaded.model, loaded.tokenizer, loaded.image_processor,
-                  qa.ImageCache(release, loaded.image_processor, keep=False), list(ids),
-                  config.embeddings_dir(run, which), names=names, kinds=kinds,
-                  shard_size=ecfg["shard_size"], batch_size=ecfg["batch_size"], model_key=which)
-    timings[which] = time.perf_counter() - t0
-
-
-for part, ids in (("db", db.isic_id), ("queries", q.isic_id)):
-    extract(f"tuned_{part}", tuned, ids, ("image", "image_text"))
-# (d): the model before fine-tuning, the same class and processors
-untuned = models.load(finetune.base_model(cfg, run), device=models.default_device(),
-                      min_pixels=cfg["model"]["min_pixels"], max_pixels=cfg["model"]["max_pixels"])
-for part, ids in (("db", db.isic_id), ("queries", q.isic_id)):
-    extract(f"untuned_{part}", untuned, ids, ("image",))
-print(f"multi-attribute question (f): {multi_q!r}")
-for part, ids in (("db", db.isic_id), ("queries", q.isic_id)):
-    t0 = time.perf_counter()
-    vec = study.embed_question(tuned, images, list(ids), multi_q, batch_size=ecfg["batch_size"])
-    study.save_array(run, f"multi_{part}", vec)
-    timings[f"multi_{part}"] = time.perf_counter() - t0
+timings = study.extract_all({**cfg, "embed": ecfg}, run, list(db.isic_id), list(q.isic_id))
+print(f"multi-attribute question (f): {embed.multi_question(ecfg['multi'])!r}")
 
 # %% [markdown]
 # ## The baseline image encoder (method e)

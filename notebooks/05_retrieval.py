@@ -29,11 +29,9 @@ b = None
 
 # %%
 import matplotlib.pyplot as plt
-import numpy as np
-import pandas as pd
 from IPython.display import Markdown, display
 
-from skinlib import attributes, config, evaluate, figures, model as models, qa, slice3d, split, study
+from skinlib import config, evaluate, figures, model as models, qa, slice3d, split, study
 
 cfg = config.load_profile(profile)
 rcfg = config.section(cfg, "retrieval", k=k, b=b)

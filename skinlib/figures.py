@@ -96,10 +96,12 @@ def r2_bars(r2: pd.DataFrame, paper_range: tuple[float, float] | None = (0.71, 0
     fig, ax = plt.subplots(figsize=(11, 3.8))
     if paper_range:
         ax.axhspan(*paper_range, color="0.88", zorder=0, label=f"paper: {paper_range[0]}–{paper_range[1]}")
-    vals = r2.r2.clip(lower=floor)
+    vals = r2.r2.clip(lower=floor).fillna(floor)  # NaN: no reply of that attribute was a number
     sns.barplot(x=r2.attribute, y=vals, ax=ax, color="C0", zorder=2, label="this run")
     for i, v in enumerate(r2.r2):
-        ax.text(i, max(v, floor) + 0.01, f"{v:.2f}", ha="center", va="bottom", fontsize=7, zorder=3)
+        label = "n/a" if np.isnan(v) else f"{v:.2f}"
+        ax.text(i, floor + 0.01 if np.isnan(v) else max(v, floor) + 0.01, label, ha="center", va="bottom",
+                fontsize=7, zorder=3)
     ax.axhline(0, color="0.3", lw=0.6)
     ax.set(ylim=(floor, 1.05), xlabel="", ylabel="R² (test images)")
     ax.tick_params(axis="x", rotation=60, labelsize=8)

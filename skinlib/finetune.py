@@ -85,12 +85,11 @@ def run(cfg: dict, run_dir, device=None, progress: bool = True, stop_after: int 
     data = qa.TupleDataset(tup, cache, packed=cfg["train"]["packed"])
     net = loaded.model
     wu = cfg["train"].get("vision_warmup") or {}
-    warmed = None
     if wu.get("steps"):
         if cfg["train"]["method"] != "full":
             raise ValueError("train.vision_warmup is for full fine-tuning of a random-init model; "
                              "set its steps to 0 with method 'lora'")
-        warmed = warmup.warm_up(net, tup, cache, config.stage_dir(run_dir, "02_finetune"), steps=wu["steps"],
+        warmup.warm_up(net, tup, cache, config.stage_dir(run_dir, "02_finetune"), steps=wu["steps"],
                                 batch_size=wu["batch_size"], lr=wu["lr"], seed=st.seed,
                                 progress=progress and acc.is_main_process)
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)

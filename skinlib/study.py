@@ -177,6 +177,65 @@ def load_vectors(run, which: str) -> tuple[list[str], dict]:
     return ids, arrays
 
 
+def extract_all(cfg: dict, run, db_ids, q_ids, accelerator=None, progress: bool = True) -> dict:
+    """Every vector the retrieval study needs, written under 04_embed/embeddings/: the fine-tuned
+    model's h_im and 16 h_im,a (database and queries), the untuned model's h_im, and the
+    multi-attribute question's vector (f). Sharded extractions resume; returns seconds per part.
+
+    Under `accelerate launch -m skinlib.study` each process writes its own shards (the small
+    multi-attribute arrays are left to the notebook, which runs on one process)."""
+    from . import finetune, model as models, qa, slice3d
+
+    e = cfg["embed"]
+    device = accelerator.device if accelerator is not None else models.default_device()
+    release = slice3d.Slice3D(*config.release_files(cfg, run), on_error=cfg["data"]["on_error"])
+    tuned = models.load_finetuned(config.finetuned_dir(run), device=device)
+    untuned = models.load(finetune.base_model(cfg, run), device=device, min_pixels=cfg["model"]["min_pixels"],
+                          max_pixels=cfg["model"]["max_pixels"])
+    timings = {}
+    for tag, loaded, kinds in (("tuned", tuned, ("image", "image_text")), ("untuned", untuned, ("image",))):
+        for part, ids in (("db", db_ids), ("queries", q_ids)):
+            t0 = time.perf_counter()
+            embed.extract(loaded.model, loaded.tokenizer, loaded.image_processor,
+                          qa.ImageCache(release, loaded.image_processor, keep=False), list(ids),
+                          config.embeddings_dir(run, f"{tag}_{part}"), kinds=kinds, shard_size=e["shard_size"],
+                          batch_size=e["batch_size"], model_key=tag, accelerator=accelerator, progress=progress)
+            timings[f"{tag}_{part}"] = time.perf_counter() - t0
+    if accelerator is None or accelerator.num_processes == 1:
+        question = embed.multi_question(e["multi"])
+        images = qa.ImageCache(release, tuned.image_processor, keep=False)
+        for part, ids in (("db", db_ids), ("queries", q_ids)):
+            t0 = time.perf_counter()
+            save_array(run, f"multi_{part}", embed_question(tuned, images, list(ids), question,
+                                                            batch_size=e["batch_size"]))
+            timings[f"multi_{part}"] = time.perf_counter() - t0
+    return timings
+
+
+def main(argv=None) -> int:
+    """`accelerate launch -m skinlib.study --profile paper --out runs/paper`: the extractions of
+    04_embed split across processes (GPUs); then run the notebooks as usual."""
+    import argparse
+
+    from accelerate import Accelerator
+
+    from . import split
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--profile", default="default")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    cfg = config.load_profile(a.profile)
+    run = config.run_dir(cfg, a.out)
+    manifest = split.load_manifest(config.manifest_path(run))
+    db = manifest[manifest.split == "train"]
+    q = queries(manifest, cfg["embed"]["n_queries"], cfg["seed"])
+    acc = Accelerator()
+    timings = extract_all(cfg, run, list(db.isic_id), list(q.isic_id), accelerator=acc)
+    acc.print({k: round(v, 1) for k, v in timings.items()})
+    return 0
+
+
 def embed_question(loaded, images, ids, question: str, batch_size: int = 8, chunk: int = 256) -> np.ndarray:
     """h at the final token of [image, question] for every id (one question, e.g. method f)."""
     from tqdm.auto import tqdm
@@ -251,3 +310,8 @@ def baseline_encoder(cfg: dict, run, release, ids):
         spec = {k: v for k, v in spec.items() if k not in ("name", "dtype", "revision")}
         spec["path"] = str(config.encoder_dir(run))
     return encoder.load_encoder(spec, images=lambda: [release.image(i) for i in ids])
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(main())

@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from skinlib import attributes, metrics
+from skinlib import metrics
 
 
 def test_r2_matches_an_independent_computation():
