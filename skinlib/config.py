@@ -23,7 +23,13 @@ STAGES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("03_predict", "notebooks/03_predict.py", ("predict",)),
     ("04_embed", "notebooks/04_embed.py", ("embed",)),
     ("05_retrieval", "notebooks/05_retrieval.py", ("retrieval",)),
+    ("06_explore", "notebooks/06_explore.py", ("retrieval",)),
+    ("07_performance", "notebooks/07_performance.py", ()),
 )
+# Parameters the batch run gives a stage besides profile and out.
+STAGE_PARAMETERS: dict[str, dict] = {"06_explore": {"live": False}}
+# Files besides the data that a stage reads (hashed into its cache key).
+STAGE_INPUTS: dict[str, tuple[str, ...]] = {"07_performance": ("bench/results.csv",)}
 STAGE_NAMES: tuple[str, ...] = tuple(s[0] for s in STAGES)
 
 

@@ -45,6 +45,9 @@ def stage_key(stage: str, notebook: Path, cfg: dict, sections: tuple[str, ...], 
     _hash_files([notebook], h)
     _hash_files(PACKAGE_DIR.rglob("*.py"), h)
     _hash_files(PACKAGE_DIR.glob("data/*"), h)
+    for rel in config.STAGE_INPUTS.get(stage, ()):
+        p = config.REPO_ROOT / rel
+        h.update(p.read_bytes() if p.exists() else b"<absent>")
     for p in _input_files(cfg):
         st = p.stat() if p.exists() else None
         h.update(f"{p}:{st.st_size if st else -1}:{st.st_mtime_ns if st else -1}".encode())
@@ -72,7 +75,7 @@ def execute_stage(stage: str, notebook: Path, profile: str, run: Path, kernel: s
         jupytext.write(nb, src)
         papermill.execute_notebook(
             str(src), str(out_nb),
-            parameters={"profile": profile, "out": str(run)},
+            parameters={"profile": profile, "out": str(run), **config.STAGE_PARAMETERS.get(stage, {})},
             kernel_name=kernel or "python3",
             cwd=str(config.REPO_ROOT),
             progress_bar=False, log_output=False,

@@ -73,3 +73,29 @@ def test_the_book_builds_from_the_executed_notebooks(smoke_run, tmp_path):
     assert data_page.count("<img") >= 3  # sample crops, fixtures comparison, distributions
     assert "injected-parameters" not in data_page  # papermill's cell is hidden
     assert "Torop" in (html / "book/references.html").read_text()
+    explore_page = (html / "book/run/06_explore.html").read_text()
+    assert "explore-static" in explore_page and explore_page.count("<option") >= 2
+    assert "data:image/png;base64" in explore_page  # the precomputed picks are in the page itself
+
+
+def test_the_explorer_answers_ids_and_uploaded_images(smoke_run):
+    from PIL import Image
+
+    from skinlib import explore
+    out, _ = smoke_run
+    ex = explore.Explorer(config.load_profile("smoke"), out)
+    q = ex.q_ids[0]
+    for method in explore.METHODS:
+        top = ex.search(q, method, "areaMM2", k=3)
+        assert len(top) == 3 and top.isic_id.isin(ex.db_ids).all()
+        assert top.percentile.between(0, 100).all()
+    upload = ex.image(ex.db_ids[0]).copy()  # as if uploaded: an image, not an id
+    assert isinstance(upload, Image.Image)
+    for method in explore.METHODS:
+        top = ex.search(upload, method, "Bext", k=2)
+        assert len(top) == 2 and top.percentile.isna().all()
+    # an uploaded copy of a database image finds itself first by the image-only vector
+    assert ex.search(ex.image(ex.db_ids[0]), "image", "A", k=1).isic_id[0] == ex.db_ids[0]
+    # a database image used as a query does not retrieve itself
+    assert ex.db_ids[0] not in set(ex.search(ex.db_ids[0], "image", "A", k=3).isic_id)
+    assert isinstance(ex.ask(q, "areaMM2"), str)

@@ -1,0 +1,186 @@
+"""The retrieval explorer behind notebooks/06_explore.py: pick a query, a method, an attribute, k.
+
+`Explorer` loads a finished run's vectors once and answers each pick from in-memory flat indexes
+(well under a second on 2 cores); an uploaded image is embedded on the spot by the model(s) the
+method needs. `static_page` renders a few precomputed picks as one HTML block with a <select>, for
+the book, where there is no kernel.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+from functools import cached_property
+
+import numpy as np
+import pandas as pd
+
+from . import attributes, config, embed, evaluate, retrieval, split, study
+
+METHODS = ("image_text", "hierarchical", "image", "image_untuned", "baseline_encoder", "multi_attribute")
+
+
+class Explorer:
+    def __init__(self, cfg: dict, run, device=None):
+        from . import model as models, qa, slice3d
+
+        self.cfg, self.run = cfg, run
+        manifest = split.load_manifest(config.manifest_path(run))
+        self.db_ids, tuned_db = study.load_vectors(run, "tuned_db")
+        self.q_ids, tuned_q = study.load_vectors(run, "tuned_queries")
+        self.values = manifest.set_index("isic_id")
+        self.db = self.values.loc[self.db_ids].reset_index()
+        self.vec = {"db_image": tuned_db["image"], "db_image_text": tuned_db["image_text"],
+                    "q_image": tuned_q["image"], "q_image_text": tuned_q["image_text"],
+                    "db_untuned": study.load_vectors(run, "untuned_db")[1]["image"],
+                    "q_untuned": study.load_vectors(run, "untuned_queries")[1]["image"],
+                    "db_encoder": study.load_array(run, "encoder_db"),
+                    "q_encoder": study.load_array(run, "encoder_queries"),
+                    "db_multi": study.load_array(run, "multi_db"), "q_multi": study.load_array(run, "multi_queries")}
+        self.multi = list(cfg["embed"]["multi"])
+        self.release = slice3d.Slice3D(*config.release_files(cfg, run), on_error=cfg["data"]["on_error"])
+        self.tuned = models.load_finetuned(config.finetuned_dir(run), device=device or models.default_device())
+        self.images = qa.ImageCache(self.release, self.tuned.image_processor, keep=False)
+        self.names = list(attributes.NAMES)
+        self._qpos = {i: n for n, i in enumerate(self.q_ids)}
+        self._dbpos = {i: n for n, i in enumerate(self.db_ids)}
+        self._indexes: dict = {}
+
+    # ---------------------------------------------------------------- vectors of a query
+    def _index(self, key: str, j: int | None = None):
+        if (key, j) not in self._indexes:
+            x = self.vec[f"db_{key}"] if j is None else self.vec[f"db_{key}"][:, j]
+            self._indexes[(key, j)] = study.flat(x, self.db_ids)
+        return self._indexes[(key, j)]
+
+    def _query_vectors(self, query, method: str, j: int) -> dict:
+        """The query's vectors that `method` needs: stored for a query id, computed for an image."""
+        if isinstance(query, str):
+            if query in self._qpos:
+                n, side = self._qpos[query], "q"
+            elif query in self._dbpos:
+                n, side = self._dbpos[query], "db"
+            else:
+                raise KeyError(f"{query!r} is neither a query nor a database image of this run")
+            v = self.vec
+            return {"image": v[f"{side}_image"][n], "image_text": v[f"{side}_image_text"][n, j],
+                    "untuned": v[f"{side}_untuned"][n], "encoder": v[f"{side}_encoder"][n],
+                    "multi": v[f"{side}_multi"][n]}
+        return self._embed_image(query, method, j)
+
+    def _embed_image(self, image, method: str, j: int) -> dict:
+        t = self.tuned
+        if method in ("image_text", "hierarchical", "image"):
+            got = embed.embed(t.model, t.tokenizer, t.image_processor, [image], [self.names_question(j)])
+            return {"image": got["image"][0].numpy(), "image_text": got["image_text"][0, 0].numpy()}
+        if method == "multi_attribute":
+            q = embed.multi_question(self.multi)
+            got = embed.embed(t.model, t.tokenizer, t.image_processor, [image], [q], image=False)
+            return {"multi": got["image_text"][0, 0].numpy()}
+        if method == "image_untuned":
+            return {"untuned": self.untuned_embed(image)}
+        if method == "baseline_encoder":
+            return {"encoder": self.encoder.embed([image])[0]}
+        raise KeyError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+
+    def names_question(self, j: int) -> str:
+        return attributes.get(self.names[j]).question
+
+    @cached_property
+    def encoder(self):
+        """Method (e)'s encoder: the one 04_embed trained or loaded (found, not retrained)."""
+        return study.baseline_encoder(self.cfg, self.run, self.release, self.db_ids)
+
+    def untuned_embed(self, image) -> np.ndarray:
+        from . import finetune, model as models
+        if "untuned" not in self.__dict__:
+            m = self.cfg["model"]
+            self.__dict__["untuned"] = models.load(finetune.base_model(self.cfg, self.run), min_pixels=m["min_pixels"],
+                                                   max_pixels=m["max_pixels"])
+        u = self.__dict__["untuned"]
+        return embed.embed(u.model, u.tokenizer, u.image_processor, [image], [])["image"][0].numpy()
+
+    # ---------------------------------------------------------------- one pick
+    def search(self, query, method: str, attribute: str, k: int = 5) -> pd.DataFrame:
+        """Top-k database images for a query id (or an image) by `method`, with each image's value of
+        `attribute` and its percentile (paper §4.2; NaN for an uploaded image: no measured value)."""
+        if method not in METHODS:
+            raise KeyError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+        j = self.names.index(attributes.get(attribute).name)
+        qv = self._query_vectors(query, method, j)
+        exclude = np.array([query]) if isinstance(query, str) and query in self._dbpos else None
+        if method == "image_text":
+            ids, scores = self._index("image_text", j).search(qv["image_text"][None], k, exclude)
+        elif method == "hierarchical":
+            pos = self._dbpos
+
+            def candidates(c, _a):
+                return self.vec["db_image_text"][[pos[i] for i in c], j]
+            ids, scores = retrieval.hierarchical(self._index("image"), qv["image"][None], qv["image_text"][None],
+                                                 candidates, attribute, k=k,
+                                                 b=min(self.cfg["retrieval"]["b"], len(self.db_ids)), exclude=exclude)
+        else:
+            key = {"image": "image", "image_untuned": "untuned", "baseline_encoder": "encoder",
+                   "multi_attribute": "multi"}[method]
+            ids, scores = self._index(key).search(qv[key][None], k, exclude)
+        ids, scores = ids[0], scores[0]
+        out = pd.DataFrame({"rank": np.arange(1, len(ids) + 1), "isic_id": ids, "cosine": scores,
+                            attribute: self.values.loc[ids, attribute].to_numpy()})
+        if isinstance(query, str):
+            qrow = self.values.loc[[query]].reset_index()
+            pct = evaluate.percentile_frame(self.db, qrow, ids[None], names=[attribute])
+            out["percentile"] = pct.percentile.to_numpy()
+        else:
+            out["percentile"] = np.nan
+        return out
+
+    def ask(self, query, attribute: str) -> str:
+        """The fine-tuned model's reply to Q(attribute) about the query image."""
+        from .predict import generate, max_answer_tokens
+        t = self.tuned
+        image = self.images[query] if isinstance(query, str) else query
+        return generate(t.model, t.tokenizer, t.image_processor, [image], [attributes.get(attribute).question],
+                        max_answer_tokens(t.tokenizer))[0]
+
+    def image(self, isic_id: str):
+        return self.release.image(isic_id)
+
+
+def panel(ex: Explorer, query: str, method: str, attribute: str, k: int = 5):
+    """The figure for one pick: the query (true value and the model's reply) and its top-k."""
+    from . import figures
+
+    top = ex.search(query, method, attribute, k)
+    unit = attributes.get(attribute).unit
+    true = ex.values.loc[query, attribute]
+    caps = [f"query {query}\n{attribute} {true:.2f} {unit}\nmodel says {ex.ask(query, attribute)}"]
+    caps += [f"#{r.rank}  {getattr(r, attribute):.2f} {unit}\npercentile {r.percentile:.0f}"
+             for r in top.itertuples()]
+    return figures.image_grid([ex.image(query)] + [ex.image(i) for i in top.isic_id], caps,
+                              ncols=k + 1, size=1.9), top
+
+
+def _png(fig) -> str:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def static_page(ex: Explorer, picks, k: int = 5) -> str:
+    """One HTML block for the book: a <select> over `picks` ((query, method, attribute) triples) and a
+    pre-rendered panel per pick; a one-line onchange shows the chosen one. No kernel, no network."""
+    opts, divs = [], []
+    for n, (q, m, a) in enumerate(picks):
+        fig, _ = panel(ex, q, m, a, k)
+        label = f"{q} · {study.LABELS.get(m, m)} · {a}"
+        opts.append(f'<option value="{n}">{html.escape(label)}</option>')
+        style = "" if n == 0 else ' style="display:none"'
+        divs.append(f'<div class="explore-pick" data-pick="{n}"{style}>'
+                    f'<img alt="{html.escape(label)}" src="data:image/png;base64,{_png(fig)}"/></div>')
+    onchange = ("var v=this.value;this.parentNode.querySelectorAll('.explore-pick').forEach("
+                "function(d){d.style.display=d.dataset.pick===v?'':'none';});")
+    return (f'<div class="explore-static"><label>query · method · attribute: '
+            f'<select onchange="{onchange}">{"".join(opts)}</select></label>{"".join(divs)}</div>')
