@@ -125,6 +125,13 @@ for qid in pick:
 fig = figures.image_grid(rows, captions, ncols=rcfg["k"] + 1, size=1.5)
 plt.show()
 
+# %%
+gaps = study.value_gaps(results, db_frame, q_frame, q_ids, "areaMM2")
+display(Markdown(
+    "**The paper** (Fig. 3, real SLICE-3D, Qwen2-VL-7B): with the area question the top-5 have areas close "
+    "to the query's, while the image alone returns look-alikes of other sizes. **This run**: "
+    + study.fig3_sentence(gaps, "areaMM2", k=rcfg["k"])))
+
 # %% [markdown]
 # ## Beyond the paper
 #

@@ -29,14 +29,12 @@ n_static = 6  # precomputed picks for the static page
 live = True  # build the ipywidgets controls (the book's batch run passes False: no frontend there)
 
 # %%
-import io
 import time
 
 import matplotlib.pyplot as plt
 from IPython.display import HTML, display
-from PIL import Image
 
-from skinlib import attributes, config, explore, study
+from skinlib import config, explore, study
 
 cfg = config.load_profile(profile)
 run = config.run_dir(cfg, out)
@@ -53,36 +51,10 @@ print(f"explorer ready in {time.perf_counter() - t0:.1f} s: {len(ex.q_ids):,} qu
 # in Jupyter to use them.
 
 # %%
-import ipywidgets as W
-
 if live:
-    query_w = W.Dropdown(options=ex.q_ids[:200], description="query")
-    upload_w = W.FileUpload(accept="image/*", multiple=False, description="or upload")
-    method_w = W.Dropdown(options=[(study.LABELS[m], m) for m in explore.METHODS], value="image_text",
-                          description="method")
-    attr_w = W.Dropdown(options=list(attributes.NAMES), value="areaMM2", description="attribute")
-    k_w = W.IntSlider(value=5, min=1, max=10, description="k")
-    out_w = W.Output()
-
-    def show(*_):
-        with out_w:
-            out_w.clear_output(wait=True)
-            t = time.perf_counter()
-            if upload_w.value:  # an uploaded image wins over the query list until it is cleared
-                item = upload_w.value[0]
-                image = Image.open(io.BytesIO(item["content"])).convert("RGB")
-                top = ex.search(image, method_w.value, attr_w.value, k_w.value)
-                print(f"uploaded {item['name']}: the model says {attr_w.value} = {ex.ask(image, attr_w.value)}")
-                display(top)
-            else:
-                fig, _ = explore.panel(ex, query_w.value, method_w.value, attr_w.value, k_w.value)
-                plt.show()
-            print(f"({time.perf_counter() - t:.2f} s)")
-
-    for w in (query_w, upload_w, method_w, attr_w, k_w):
-        w.observe(show, names="value")
-    display(W.VBox([W.HBox([query_w, upload_w]), W.HBox([method_w, attr_w, k_w]), out_w]))
-    show()
+    controls = explore.Controls(ex)
+    display(controls.widget)
+    controls.show()
 else:
     print("static page: the live controls are built when the notebook runs in Jupyter (live=True)")
 

@@ -5,6 +5,10 @@
 The book shows papermill's executed copies as they are (it never re-executes): they are copied
 into book/run/, papermill's injected-parameters cell is hidden, and Jupyter Book 1.x builds
 _build/html with warnings as errors.
+
+The book is read offline: the scripts Sphinx and myst-nb would take from CDNs (MathJax, require.js,
+the ipywidgets HTML manager) are installed from the npm registry (pinned in VENDOR, kept in
+.cache/npm) and copied into `_vendor/`, which `_config.yml` serves as static files.
 """
 from __future__ import annotations
 
@@ -19,6 +23,51 @@ import nbformat
 from . import config
 
 BOOK_FILES = ("_config.yml", "_toc.yml", "book")
+# npm packages the pages load, and which of their files the book serves (under _static/).
+VENDOR = {"mathjax": "3.2.2", "requirejs": "2.3.7", "@jupyter-widgets/html-manager": "1.0.15"}
+VENDOR_FILES = {  # destination under _vendor/ -> source under node_modules/
+    "mathjax/tex-mml-chtml.js": "mathjax/es5/tex-mml-chtml.js",
+    "mathjax/output": "mathjax/es5/output",
+    "mathjax/input": "mathjax/es5/input",
+    "mathjax/ui": "mathjax/es5/ui",
+    "mathjax/a11y": "mathjax/es5/a11y",
+    "require.min.js": "requirejs/require.js",
+    "html-manager": "@jupyter-widgets/html-manager/dist",
+}
+NPM_CACHE = config.REPO_ROOT / ".cache" / "npm"
+# Loaded between require.js and the manager: without it require.js resolves the manager's module,
+# and with it the fonts, relative to the page instead of the book's _static folder.
+PATHS_JS = ('(function(){var d=document.documentElement.dataset.content_root+"_static/html-manager";'
+            'require.config({paths:{"@jupyter-widgets":d,"@jupyter-widgets/html-manager/dist":d}});})();\n')
+
+
+def vendor(root: Path, cache: Path = NPM_CACHE) -> Path:
+    """Install the pinned npm packages once into `cache` and copy the served files to root/_vendor."""
+    stamp = cache / "installed.txt"
+    want = " ".join(f"{k}@{v}" for k, v in VENDOR.items())
+    if not stamp.exists() or stamp.read_text() != want:
+        npm = shutil.which("npm")
+        if npm is None:
+            raise FileNotFoundError("npm not found: the book serves MathJax, require.js and the ipywidgets "
+                                    "HTML manager itself and installs them from the npm registry "
+                                    "(Debian: apt-get install npm)")
+        cache.mkdir(parents=True, exist_ok=True)
+        print(f"book: npm install {want} -> {cache}", flush=True)
+        subprocess.run([npm, "install", "--prefix", str(cache), "--no-audit", "--no-fund", "--loglevel=error",
+                        *want.split()], check=True)
+        stamp.write_text(want)
+    dest = root / "_vendor"
+    if dest.exists():
+        shutil.rmtree(dest)
+    for rel, src in VENDOR_FILES.items():
+        src, out = cache / "node_modules" / src, dest / rel
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, out, ignore=shutil.ignore_patterns("*.map", "embed.js", "*.LICENSE.txt"))
+        else:
+            shutil.copy2(src, out)
+    (dest / "html-manager-paths.js").write_text(PATHS_JS)
+    return dest
 
 
 def collect(run: str | Path, dest: Path) -> list[Path]:
@@ -57,6 +106,7 @@ def build(run: str | Path, root: str | Path | None = None, strict: bool = True) 
             else:
                 shutil.copy2(src, root / name)
     collect(run, root / "book" / "run")
+    vendor(root)
     exe = Path(sys.executable).with_name("jupyter-book")
     cmd = [str(exe), "build", str(root)] + (["-W", "-n", "--keep-going"] if strict else [])
     subprocess.run(cmd, check=True)

@@ -146,25 +146,80 @@ class Explorer:
         return self.release.image(isic_id)
 
 
-def panel(ex: Explorer, query: str, method: str, attribute: str, k: int = 5):
-    """The figure for one pick: the query (true value and the model's reply) and its top-k."""
+def panel(ex: Explorer, query, method: str, attribute: str, k: int = 5):
+    """The figure for one pick: the query (true value when it is a known id, and the model's reply)
+    and its top-k. `query` is a query id or an image (an upload). The reply is in `top.attrs["reply"]`."""
     from . import figures
 
     top = ex.search(query, method, attribute, k)
     unit = attributes.get(attribute).unit
-    true = ex.values.loc[query, attribute]
-    caps = [f"query {query}\n{attribute} {true:.2f} {unit}\nmodel says {ex.ask(query, attribute)}"]
+    reply = top.attrs["reply"] = ex.ask(query, attribute)
+    if isinstance(query, str):
+        head, image = f"query {query}\n{attribute} {ex.values.loc[query, attribute]:.2f} {unit}", ex.image(query)
+    else:
+        head, image = "uploaded image\n(no measured value)", query
+    caps = [f"{head}\nmodel says {reply}"]
     caps += [f"#{r.rank}  {getattr(r, attribute):.2f} {unit}\npercentile {r.percentile:.0f}"
              for r in top.itertuples()]
-    return figures.image_grid([ex.image(query)] + [ex.image(i) for i in top.isic_id], caps,
+    return figures.image_grid([image] + [ex.image(i) for i in top.isic_id], caps,
                               ncols=k + 1, size=1.9), top
+
+
+class Controls:
+    """The live explorer (ipywidgets): a query from the test set or an uploaded image, a method, an
+    attribute and k; every change redraws the pick into `out`. The last pick is kept in `result`
+    (the top-k frame), `reply` (the model's answer) and `seconds`, so it can be checked without a
+    browser."""
+
+    def __init__(self, ex: Explorer, n_queries: int = 200, upload: bool = True):
+        import ipywidgets as W
+
+        self.ex = ex
+        self.query = W.Dropdown(options=list(ex.q_ids[:n_queries]), description="query")
+        # FileUpload only where a frontend exists: its comm hangs a kernel that has none (papermill).
+        self.upload = W.FileUpload(accept="image/*", multiple=False, description="or upload") if upload else None
+        self.method = W.Dropdown(options=[(study.LABELS[m], m) for m in METHODS], value="image_text",
+                                 description="method")
+        self.attribute = W.Dropdown(options=list(attributes.NAMES), value="areaMM2", description="attribute")
+        self.k = W.IntSlider(value=5, min=1, max=10, description="k")
+        self.out = W.Output()
+        self.result, self.reply, self.seconds = None, None, None
+        top = [self.query] + ([self.upload] if self.upload is not None else [])
+        self.widget = W.VBox([W.HBox(top), W.HBox([self.method, self.attribute, self.k]), self.out])
+        for w in top + [self.method, self.attribute, self.k]:
+            w.observe(self.show, names="value")
+
+    def query_value(self):
+        """The uploaded image if there is one (it wins until cleared), else the chosen query id."""
+        if self.upload is not None and self.upload.value:
+            from PIL import Image
+            return Image.open(io.BytesIO(bytes(self.upload.value[0]["content"]))).convert("RGB")
+        return self.query.value
+
+    def show(self, *_):
+        import time
+
+        import matplotlib.pyplot as plt
+        from IPython.display import display
+
+        with self.out:
+            self.out.clear_output(wait=True)
+            t = time.perf_counter()
+            fig, self.result = panel(self.ex, self.query_value(), self.method.value, self.attribute.value,
+                                     self.k.value)
+            self.reply = self.result.attrs["reply"]
+            display(fig)
+            plt.close(fig)
+            self.seconds = time.perf_counter() - t
+            print(f"({self.seconds:.2f} s)")
+        return self.result
 
 
 def _png(fig) -> str:
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80, bbox_inches="tight")
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     return base64.b64encode(buf.getvalue()).decode()
 
@@ -180,7 +235,7 @@ def static_page(ex: Explorer, picks, k: int = 5) -> str:
         style = "" if n == 0 else ' style="display:none"'
         divs.append(f'<div class="explore-pick" data-pick="{n}"{style}>'
                     f'<img alt="{html.escape(label)}" src="data:image/png;base64,{_png(fig)}"/></div>')
-    onchange = ("var v=this.value;this.parentNode.querySelectorAll('.explore-pick').forEach("
+    onchange = ("var v=this.value;this.closest('.explore-static').querySelectorAll('.explore-pick').forEach("
                 "function(d){d.style.display=d.dataset.pick===v?'':'none';});")
     return (f'<div class="explore-static"><label>query · method · attribute: '
             f'<select onchange="{onchange}">{"".join(opts)}</select></label>{"".join(divs)}</div>')

@@ -278,6 +278,30 @@ def ordering_counts(check: pd.DataFrame) -> str:
     return "; ".join(parts) + "."
 
 
+def value_gaps(results: dict, db: pd.DataFrame, q: pd.DataFrame, q_ids, name: str) -> pd.DataFrame:
+    """Per query, the median |value difference| in attribute `name` between the query and its top-k,
+    for image-only ("image") and image+text with Q(name) ("image_text"): what Fig. 3 shows."""
+    a = attributes.get(name).name
+    dbv = db.set_index("isic_id")[a]
+    qv = q.set_index("isic_id")[a].reindex(list(q_ids)).to_numpy()
+    out = {"isic_id": list(q_ids)}
+    for method, key in (("image", ("image", None)), ("image_text", ("image_text", a))):
+        top = np.asarray(results[key])
+        vals = dbv.reindex(top.ravel()).to_numpy().reshape(top.shape)
+        out[method] = np.nanmedian(np.abs(vals - qv[:, None]), axis=1)
+    return pd.DataFrame(out)
+
+
+def fig3_sentence(gaps: pd.DataFrame, name: str, k: int = 5) -> str:
+    """One sentence: the median over queries of `value_gaps`, and how often image+text is closer."""
+    att = attributes.get(name)
+    g = gaps.dropna(subset=["image", "image_text"])
+    closer = float((g.image_text < g.image).mean() * 100) if len(g) else float("nan")
+    return (f"over all {len(g):,} queries, the top-{k}'s median |{att.name} difference| to the query is "
+            f"{g.image_text.median():.2f} {att.unit} by image+text against {g.image.median():.2f} {att.unit} "
+            f"by the image alone; image+text is closer for {closer:.0f}% of the queries.")
+
+
 def example_queries(q: pd.DataFrame, name: str, n: int = 4, seed: int = 0) -> list[str]:
     """n query ids spread over the attribute's range (one from each of n quantile bins)."""
     v = q[["isic_id", name]].dropna()

@@ -17,3 +17,19 @@ def fixtures_dir() -> Path:
         pytest.fail(f"fixtures folder not found: {path} (set SKIN_FIXTURES to the folder holding "
                     "isic2024-test-image.hdf5 and isic2024-train-sample/)")
     return path
+
+
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """The whole chain on the smoke profile, executed once per session by papermill."""
+    from skinlib import run
+    out = tmp_path_factory.mktemp("runs") / "smoke"
+    status = run.run_chain("smoke", out=out)
+    return out, status
+
+
+@pytest.fixture(scope="session")
+def smoke_book(smoke_run, tmp_path_factory):
+    """The book of the smoke run, built by Jupyter Book in a scratch folder: the html folder."""
+    from skinlib import book
+    return book.build(smoke_run[0], root=tmp_path_factory.mktemp("book"))

@@ -7,16 +7,9 @@ import nbformat
 import pytest
 import yaml
 
-from skinlib import book, config, run, split
+from skinlib import config, run, split
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("runs") / "smoke"
-    status = run.run_chain("smoke", out=out)
-    return out, status
 
 
 def test_every_stage_executes_and_leaves_its_artifacts(smoke_run):
@@ -62,9 +55,8 @@ def test_a_failing_stage_names_notebook_and_cell_and_keeps_the_traceback(tmp_pat
     assert not (tmp_path / "run" / "01_data" / ".stage.json").exists()
 
 
-def test_the_book_builds_from_the_executed_notebooks(smoke_run, tmp_path):
-    out, _ = smoke_run
-    html = book.build(out, root=tmp_path / "book")
+def test_the_book_builds_from_the_executed_notebooks(smoke_book):
+    html = smoke_book
     pages = {p.relative_to(html).as_posix() for p in html.rglob("*.html")}
     for page in ("index.html", "book/intro.html", "book/references.html",
                  *(f"book/run/{s}.html" for s in config.STAGE_NAMES)):
@@ -99,3 +91,35 @@ def test_the_explorer_answers_ids_and_uploaded_images(smoke_run):
     # a database image used as a query does not retrieve itself
     assert ex.db_ids[0] not in set(ex.search(ex.db_ids[0], "image", "A", k=3).isic_id)
     assert isinstance(ex.ask(q, "areaMM2"), str)
+
+
+def test_the_live_controls_redraw_on_every_change(smoke_run):
+    import datetime as dt
+    import io
+
+    from skinlib import explore
+    out, _ = smoke_run
+    ex = explore.Explorer(config.load_profile("smoke"), out)
+    c = explore.Controls(ex)
+    first = c.show()
+    q = c.query.value
+
+    def pd_eq(a, b):
+        return list(a.isic_id) == list(b.isic_id)
+    assert pd_eq(first, ex.search(q, "image_text", "areaMM2", 5))
+    assert c.reply == ex.ask(q, "areaMM2")  # the smoke model may answer with nothing
+    c.method.value = "image"  # the observer redraws
+    assert pd_eq(c.result, ex.search(q, "image", "areaMM2", 5))
+    c.k.value = 2
+    assert len(c.result) == 2
+    c.attribute.value = "Bext"
+    assert "Bext" in c.result.columns and "areaMM2" not in c.result.columns
+    c.query.value = ex.q_ids[1]
+    assert pd_eq(c.result, ex.search(ex.q_ids[1], "image", "Bext", 2))
+    buf = io.BytesIO()
+    ex.image(ex.db_ids[0]).save(buf, format="PNG")
+    c.upload.value = ({"name": "mine.png", "type": "image/png", "size": buf.tell(),
+                       "content": memoryview(buf.getvalue()),
+                       "last_modified": dt.datetime.now(dt.timezone.utc)},)
+    assert list(c.result.isic_id) == [ex.db_ids[0], *c.result.isic_id[1:]]  # finds its own copy
+    assert c.result.percentile.isna().all() and c.seconds > 0

@@ -98,3 +98,15 @@ def test_example_queries_spread_over_the_range_and_pca_shape():
     assert xy.shape == (50, 2)
     with pytest.raises(ValueError):
         study.example_queries(q.head(2), "areaMM2", n=4)
+
+
+def test_value_gaps_are_the_median_distance_of_the_top_k_to_the_query():
+    db = pd.DataFrame({"isic_id": ["a", "b", "c", "d"], "areaMM2": [1.0, 2.0, 10.0, 20.0]})
+    q = pd.DataFrame({"isic_id": ["q1", "q2"], "areaMM2": [1.5, 18.0]})
+    res = {("image", None): np.array([["c", "d"], ["a", "b"]]),
+           ("image_text", "areaMM2"): np.array([["a", "b"], ["d", "c"]])}
+    g = study.value_gaps(res, db, q, ["q1", "q2"], "areaMM2")
+    assert g.image.tolist() == [13.5, 16.5]  # median(|10-1.5|, |20-1.5|), median(|1-18|, |2-18|)
+    assert g.image_text.tolist() == [0.5, 5.0]
+    text = study.fig3_sentence(g, "areaMM2", k=2)
+    assert "2.75 mm²" in text and "15.00 mm²" in text and "100%" in text
