@@ -53,13 +53,23 @@ def srgb_to_lab(rgb) -> np.ndarray:
     return np.stack([L, a, b], axis=-1)
 
 
+def _finv(f: np.ndarray) -> np.ndarray:
+    """Inverse of the L*a*b* companding function f(t)."""
+    return np.where(f > 6.0 / 29.0, f * f * f, (f - 4.0 / 29.0) / _K)
+
+
 def lab_to_srgb(lab, clip: bool = True) -> np.ndarray:
     """L*a*b* -> sRGB floats; clipped to [0, 1] unless clip=False (then out-of-gamut shows)."""
     lab = _as_float(lab)
     fy = (lab[..., 0] + 16.0) / 116.0
-    f = np.stack([fy + lab[..., 1] / 500.0, fy, fy - lab[..., 2] / 200.0], axis=-1)
-    xyz = np.where(f > 6.0 / 29.0, f ** 3, (f - 4.0 / 29.0) / _K) * WHITE
-    rgb = linear_to_srgb(xyz @ _M_INV.T)
+    xyz = (_finv(fy + lab[..., 1] / 500.0) * WHITE[0], _finv(fy) * WHITE[1],
+           _finv(fy - lab[..., 2] / 200.0) * WHITE[2])
+    # the 3x3 matrix product channel by channel: a matmul with an inner size of 3 is slow
+    lin = np.empty(lab.shape)
+    for c in range(3):
+        m = _M_INV[c]
+        lin[..., c] = m[0] * xyz[0] + m[1] * xyz[1] + m[2] * xyz[2]
+    rgb = linear_to_srgb(lin)
     return np.clip(rgb, 0.0, 1.0) if clip else rgb
 
 

@@ -121,15 +121,19 @@ def convex_hull(contour) -> np.ndarray:
     return c[ConvexHull(c).vertices]
 
 
+def _feret_of_hull(h: np.ndarray) -> float:
+    dx = h[:, 0, None] - h[None, :, 0]
+    dy = h[:, 1, None] - h[None, :, 1]
+    return float(np.sqrt((dx * dx + dy * dy).max()))
+
+
 def max_feret(contour) -> float:
     """clin_size_long_diam_mm: maximum Feret diameter (largest vertex-to-vertex distance)."""
-    h = convex_hull(contour)
-    d = h[:, None, :] - h[None, :, :]
-    return float(np.sqrt((d ** 2).sum(-1).max()))
+    return _feret_of_hull(convex_hull(contour))
 
 
-def _hull_stats(c: np.ndarray) -> tuple[float, float]:
-    hull = ConvexHull(c)  # in 2-D: volume = area, area = perimeter
+def _hull_stats(c: np.ndarray, hull: ConvexHull | None = None) -> tuple[float, float]:
+    hull = hull if hull is not None else ConvexHull(c)  # in 2-D: volume = area, area = perimeter
     return float(hull.volume), float(hull.area)
 
 
@@ -143,9 +147,13 @@ def norm_border(contour) -> float:
     the phantom's lesions on the release's scale (real 5/50/95 % ≈ 1.5/3.0/7.0).
     """
     c = _check_contour(contour)
-    hull_area, hull_perim = _hull_stats(c)
-    convexity = hull_perim / polygon_perimeter(c)
-    solidity = polygon_area(c) / hull_area
+    return _norm_border(c, ConvexHull(c), polygon_area(c), polygon_perimeter(c))
+
+
+def _norm_border(c: np.ndarray, hull: ConvexHull, area: float, perim: float) -> float:
+    hull_area, hull_perim = _hull_stats(c, hull)
+    convexity = hull_perim / perim
+    solidity = area / hull_area
     score = BORDER_CONVEXITY_WEIGHT * (1.0 - convexity) + BORDER_SOLIDITY_WEIGHT * (1.0 - solidity)
     return float(np.clip(score, 0.0, 10.0))
 
@@ -154,13 +162,14 @@ def shape_attributes(contour) -> dict[str, float]:
     """areaMM2, perimeterMM, area_perim_ratio, minorAxisMM, clin_size_long_diam_mm, norm_border."""
     c = _check_contour(contour)
     area, perim = polygon_area(c), polygon_perimeter(c)
+    hull = ConvexHull(c)   # one hull for the Feret diameter and the border score
     return {
         "areaMM2": area,
         "perimeterMM": perim,
         "area_perim_ratio": perim ** 2 / area,
         "minorAxisMM": minor_axis(c),
-        "clin_size_long_diam_mm": max_feret(c),
-        "norm_border": norm_border(c),
+        "clin_size_long_diam_mm": _feret_of_hull(c[hull.vertices]),
+        "norm_border": _norm_border(c, hull, area, perim),
     }
 
 

@@ -46,11 +46,17 @@ import numpy as np
 from scipy import fft, ndimage, special
 from scipy.spatial import ConvexHull
 
+try:   # low-level Qhull wrapper (private; see _hull_area_perimeter)
+    from scipy.spatial._qhull import _Qhull
+except ImportError:   # pragma: no cover
+    _Qhull = None
+
 from skinlib import attributes, color, measure
 
 FOV_MM = 15.0
 SIZE_RANGE = (90, 160)  # px, inclusive
 N_VERT = 256            # contour vertices, uniform in angle around the drawing centre
+LOBE_SKEW = 4.0         # sharpness of the lobes' soft minimum: bays, not bulges (see _bays)
 REFERENCE_PATH = Path(__file__).resolve().parent / "data" / "slice3d_reference.json"
 ATTRIBUTION = "skin-attribute grounding phantom"
 LICENSE = "CC-0"
@@ -69,6 +75,8 @@ _PROBS = np.round(np.concatenate([[0.0, 0.005, 0.01], np.arange(0.02, 0.981, 0.0
 _THETA = np.arange(N_VERT) * (2 * np.pi / N_VERT)
 _COS, _SIN = np.cos(_THETA), np.sin(_THETA)
 _DTHETA = 2 * np.pi / N_VERT
+_COS1, _SIN1 = np.roll(_COS, -1), np.roll(_SIN, -1)
+_SIN_D, _2COS_D = math.sin(_DTHETA), 2 * math.cos(_DTHETA)
 
 
 def _column(name: str) -> str:
@@ -289,11 +297,11 @@ def plan_patients(n: int, seed: int) -> np.ndarray:
 def _shape_basis(rng, k_max: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Random unit-strength lobe (k = 2..5) and jaggedness (k = 5..k_max) series on _THETA,
     plus a phase for the ellipse. Jaggedness is normalised so that sum((k a_k)²) = 1 (its
-    effect on the perimeter), lobes so that sum(a_k²) = 1."""
+    effect on the perimeter), lobes so that sum(a_k²) = 1, then made into bays (`_bays`)."""
     kl = np.arange(2, 6)
     al = rng.rayleigh(1.0, kl.size) / np.sqrt(kl)
     al /= np.sqrt((al ** 2).sum())
-    lobes = (al[:, None] * np.cos(kl[:, None] * _THETA + rng.uniform(0, 2 * np.pi, kl.size)[:, None])).sum(0)
+    lobes = _bays((al[:, None] * np.cos(kl[:, None] * _THETA + rng.uniform(0, 2 * np.pi, kl.size)[:, None])).sum(0))
     kj = np.arange(5, max(k_max, 8) + 1)
     aj = rng.rayleigh(1.0, kj.size) / kj
     aj /= np.sqrt(((aj * kj) ** 2).sum())
@@ -301,32 +309,70 @@ def _shape_basis(rng, k_max: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return lobes, jag, rng.uniform(0, np.pi)
 
 
+def _bays(lobes: np.ndarray) -> np.ndarray:
+    """Low-order irregularity as bays rather than bulges: a soft minimum (softplus of sharpness
+    LOBE_SKEW) flattens the outward crests of the lobe series and keeps its inward dips, then
+    the series is re-centred and given back its standard deviation.
+
+    Symmetric lobes push the outline out along the long axis, so the maximum Feret diameter ran
+    ~8 % above the release's at a given area and minor axis (the release's long diameter sits
+    near the moment-ellipse major axis, ~1.02x); notched outlines keep the outer extent of the
+    smooth shape and take their border irregularity (solidity) from indentations.
+    """
+    sd = lobes.std()
+    if sd <= 0:
+        return lobes
+    y = -np.logaddexp(0.0, -LOBE_SKEW * lobes / sd) / LOBE_SKEW
+    y -= y.mean()
+    return y * (sd / y.std())
+
+
 def _unit_radius(q, lam, j, psi, lobes, jag) -> np.ndarray:
     t = _THETA - psi
     return q / np.sqrt((q * np.cos(t)) ** 2 + np.sin(t) ** 2) * np.exp(lam * lobes + j * jag)
+
+
+def _hull_area_perimeter(points: np.ndarray) -> tuple[float, float]:
+    """(area, perimeter) of the 2-D convex hull. Straight from Qhull when scipy's low-level
+    wrapper is there (a third of the cost of building a full ConvexHull object, whose
+    simplices, neighbours and equations the solver never reads); else via ConvexHull."""
+    if _Qhull is not None:
+        try:
+            q = _Qhull(b"i", points, b"", required_options=b"Qt")
+            try:
+                return q.volume_area()
+            finally:
+                q.close()
+        except Exception:   # a changed private API: fall back to the public one
+            pass
+    hull = ConvexHull(points)   # in 2-D: volume = area, area = perimeter
+    return float(hull.volume), float(hull.area)
 
 
 def _fast_shape(r: np.ndarray) -> tuple[float, float, float, float]:
     """(area, minor²/area, perimeter²/area, norm_border) of the star polygon with radii r.
 
     The same quantities as skinlib.measure (which the tests hold it to), fused in one pass
-    because the shape solver calls it a dozen times per lesion.
+    because the shape solver calls it a couple of dozen times per lesion: the vertices sit at
+    the fixed angles _THETA, so each edge's cross product is r_i r_i+1 sin(dθ) and its length
+    comes from the law of cosines; sums are dot products.
     """
-    x0, y0 = r * _COS, r * _SIN
-    x1, y1 = np.roll(x0, -1), np.roll(y0, -1)
-    cross = x0 * y1 - x1 * y0
-    a = cross.sum() / 2.0
-    cx, cy = ((x0 + x1) * cross).sum() / (6 * a), ((y0 + y1) * cross).sum() / (6 * a)
-    sxx = ((x0 * x0 + x0 * x1 + x1 * x1) * cross).sum() / (12 * a) - cx * cx
-    syy = ((y0 * y0 + y0 * y1 + y1 * y1) * cross).sum() / (12 * a) - cy * cy
-    sxy = ((x0 * y1 + 2 * x0 * y0 + 2 * x1 * y1 + x1 * y0) * cross).sum() / (24 * a) - cx * cy
+    r1 = np.concatenate((r[1:], r[:1]))
+    x0, y0, x1, y1 = r * _COS, r * _SIN, r1 * _COS1, r1 * _SIN1
+    cross = (r * r1) * _SIN_D
+    a2 = float(cross.sum())   # twice the area
+    cx, cy = np.dot(x0 + x1, cross) / (3 * a2), np.dot(y0 + y1, cross) / (3 * a2)
+    sxx = np.dot(x0 * x0 + x0 * x1 + x1 * x1, cross) / (6 * a2) - cx * cx
+    syy = np.dot(y0 * y0 + y0 * y1 + y1 * y1, cross) / (6 * a2) - cy * cy
+    sxy = np.dot(x0 * (y1 + 2 * y0) + x1 * (2 * y1 + y0), cross) / (12 * a2) - cx * cy
+    a = a2 / 2.0
     ev_min = (sxx + syy) / 2 - math.sqrt(((sxx - syy) / 2) ** 2 + sxy * sxy)
     minor = 4.0 * math.sqrt(max(ev_min, 0.0))
-    perim = float(np.hypot(x1 - x0, y1 - y0).sum())
-    hull = ConvexHull(np.column_stack([x0, y0]))
-    score = (measure.BORDER_CONVEXITY_WEIGHT * (1.0 - hull.area / perim)
-             + measure.BORDER_SOLIDITY_WEIGHT * (1.0 - a / hull.volume))
-    return a, minor ** 2 / a, perim ** 2 / a, float(np.clip(score, 0.0, 10.0))
+    perim = float(np.sqrt(np.maximum(r * r + r1 * r1 - _2COS_D * (r * r1), 0.0)).sum())
+    hull_area, hull_perim = _hull_area_perimeter(np.column_stack([x0, y0]))
+    score = (measure.BORDER_CONVEXITY_WEIGHT * (1.0 - hull_perim / perim)
+             + measure.BORDER_SOLIDITY_WEIGHT * (1.0 - a / hull_area))
+    return a, minor ** 2 / a, perim ** 2 / a, min(max(score, 0.0), 10.0)
 
 
 def solve_shape(rng, area: float, minor: float, apr: float, nb: float, mm_per_px: float):
@@ -344,8 +390,11 @@ def solve_shape(rng, area: float, minor: float, apr: float, nb: float, mm_per_px
     # in the amplitudes, so the squares make the residuals ~ linear and the Jacobian regular at 0
     lo, hi = np.array([0.12, 0.0, 0.0]), np.array([1.0, 0.25, 9.0])
 
+    t = _THETA - psi
+    c2, s2 = np.cos(t) ** 2, np.sin(t) ** 2   # _unit_radius, with what does not change hoisted
+
     def radii(p):
-        return _unit_radius(p[0], math.sqrt(p[1]), math.sqrt(p[2]), psi, lobes, jag)
+        return p[0] / np.sqrt(p[0] * p[0] * c2 + s2) * np.exp(math.sqrt(p[1]) * lobes + math.sqrt(p[2]) * jag)
 
     def resid(p):
         _, mu, a, b = _fast_shape(radii(p))
@@ -392,22 +441,34 @@ def polygon_radius_at(r: np.ndarray, theta: np.ndarray) -> np.ndarray:
 
 
 # ============================================================================ fields
+@lru_cache(maxsize=None)
 def _grid(size: int, mm_per_px: float) -> tuple[int, np.ndarray]:
     """FFT size (a fast length >= size + margin, so fields are not periodic on the crop) and
-    the squared frequencies (cycles/mm) of its real FFT."""
+    the squared frequencies (cycles/mm) of its real FFT. Cached (71 sizes); read-only."""
     n = fft.next_fast_len(size + 16, real=True)
     fy = fft.fftfreq(n, d=mm_per_px)[:, None]
     fx = fft.rfftfreq(n, d=mm_per_px)[None, :]
-    return n, fx * fx + fy * fy
+    f2 = fx * fx + fy * fy
+    f2.flags.writeable = False
+    return n, f2
+
+
+@lru_cache(maxsize=None)
+def _grid32(size: int, mm_per_px: float) -> np.ndarray:
+    """-2π² f² of `_grid` in single precision, the exponent of a Gaussian low-pass per mm²."""
+    g = (-2 * np.pi ** 2 * _grid(size, mm_per_px)[1]).astype(np.float32)
+    g.flags.writeable = False
+    return g
 
 
 def _noise_fields(rng, size: int, mm_per_px: float, sigmas_mm, weights=None, count: int = 1):
     """`count` independent smooth Gaussian fields (unit std on the crop) with a spectrum that is
     a weighted sum of Gaussian low-pass filters of the given spatial sigmas (mm), via FFT."""
     n, f2 = _grid(size, mm_per_px)
+    e2 = _grid32(size, mm_per_px)
     weights = np.ones(len(sigmas_mm)) if weights is None else np.asarray(weights, dtype=float)
-    filt = sum(w * np.exp(-2 * np.pi ** 2 * s * s * f2) for w, s in zip(weights, sigmas_mm)).astype(np.float32)
-    # single precision: plenty for a texture, and twice as fast to draw and transform
+    # single precision: plenty for a texture, and twice as fast to filter, draw and transform
+    filt = sum(np.float32(w) * np.exp(np.float32(s * s) * e2) for w, s in zip(weights, sigmas_mm))
     spec = np.empty((count, *f2.shape), dtype=np.complex64)
     spec.real = rng.standard_normal(spec.shape, dtype=np.float32)
     spec.imag = rng.standard_normal(spec.shape, dtype=np.float32)

@@ -107,3 +107,16 @@ def test_lab_round_trip():
     rgb = np.random.default_rng(1).random((50, 3))
     assert np.allclose(color.lab_to_srgb(color.srgb_to_lab(rgb)), rgb, atol=1e-6)
     assert color.srgb_to_lab(np.array([1.0, 1.0, 1.0])) == pytest.approx([100, 0, 0], abs=1e-3)
+
+
+def test_lab_to_srgb_follows_the_standard_matrices():
+    """lab -> XYZ (D65 white of sRGB) -> linear sRGB by the inverse IEC matrix -> transfer curve."""
+    lab = np.random.default_rng(2).random((7, 9, 3)) * [100, 200, 200] - [0, 100, 100]
+    fy = (lab[..., 0] + 16) / 116
+    f = np.stack([fy + lab[..., 1] / 500, fy, fy - lab[..., 2] / 200], -1)
+    xyz = np.where(f > 6 / 29, f ** 3, 3 * (6 / 29) ** 2 * (f - 4 / 29)) * color.WHITE
+    lin = xyz @ np.linalg.inv(color._M).T
+    expect = np.sign(lin) * np.where(np.abs(lin) <= 0.0031308, 12.92 * np.abs(lin),
+                                     1.055 * np.abs(lin) ** (1 / 2.4) - 0.055)
+    assert np.allclose(color.lab_to_srgb(lab, clip=False), expect, rtol=1e-12, atol=1e-12)
+    assert np.allclose(color.lab_to_srgb(lab), np.clip(expect, 0, 1), rtol=1e-12, atol=1e-12)

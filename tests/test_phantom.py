@@ -92,18 +92,33 @@ def test_patients_share_their_skin_and_have_several_lesions(big):
 
 
 def test_distributions_match_the_real_rows(big, fixtures_dir):
-    """Two-sample KS per attribute against 5,000 real SLICE-3D rows. The long diameter is the one
-    known gap (see the phantom chapter): the release's values sit closer to the moment-ellipse major
-    axis than any irregular contour's Feret diameter does."""
+    """Two-sample KS per attribute against 5,000 real SLICE-3D rows. The long diameter is held
+    tighter than the rest: it used to be the one gap (KS 0.164 with bulging lobes, whose Feret
+    diameter overshoots the release's); with the lobes drawn as bays it is 0.117 for this seed."""
     _, meta = big
     real = attributes.named(pd.read_csv(fixtures_dir / REAL_5K))
     ks = metrics.ks_by_attribute(attributes.named(meta), real).set_index("attribute").ks
-    limits = {n: 0.15 for n in attributes.NAMES} | {"clin_size_long_diam_mm": 0.20}
+    limits = {n: 0.15 for n in attributes.NAMES} | {"clin_size_long_diam_mm": 0.13}
     too_far = {n: round(v, 3) for n, v in ks.items() if v > limits[n]}
     assert not too_far, too_far
     # and the zeros that mean "not measured" appear about as often as in the release
     for n in ("norm_color", "radial_color_std_max"):
         assert abs((meta[attributes.get(n).column] == 0).mean() - (real[n] == 0).mean()) < 0.06
+
+
+def test_fast_shape_measures_what_skinlib_measure_does():
+    """The shape solver's fused measurements agree with skinlib.measure on drawn contours."""
+    rng = np.random.default_rng(4)
+    for k in range(20):
+        lobes, jag, psi = phantom._shape_basis(rng, int(rng.integers(8, 41)))
+        r = phantom._unit_radius(rng.uniform(0.2, 1.0), rng.uniform(0, 0.5), rng.uniform(0, 3), psi, lobes, jag)
+        r = r * rng.uniform(0.5, 4.0)
+        att = measure.shape_attributes(np.column_stack([r * phantom._COS, r * phantom._SIN]))
+        area, mu, apr, nb = phantom._fast_shape(r)
+        assert area == pytest.approx(att["areaMM2"], rel=1e-9)
+        assert mu == pytest.approx(att["minorAxisMM"] ** 2 / att["areaMM2"], rel=1e-9)
+        assert apr == pytest.approx(att["area_perim_ratio"], rel=1e-9)
+        assert nb == pytest.approx(att["norm_border"], rel=1e-9, abs=1e-9)
 
 
 def test_targets_must_be_known_names():
