@@ -190,15 +190,26 @@ def regions(mask, mm_per_px: float) -> Regions:
         raise ValueError(f"mm_per_px must be positive, got {mm_per_px}")
     if not mask.any():
         raise ValueError("empty lesion mask")
-    d_out = ndimage.distance_transform_edt(~mask) * mm_per_px  # outside: distance to the lesion
-    d_in = ndimage.distance_transform_edt(mask) * mm_per_px    # inside: distance to the skin
-    ext = d_out > GUARD_MM
+    # The distances only matter up to GUARD_MM + RING_MM from the lesion, so both transforms run
+    # on the lesion's bounding box grown by that much (plus a pixel): the same values there, and
+    # every pixel beyond it is ext and not ring. A small lesion in a large crop costs far less.
+    rows, cols = np.nonzero(mask.any(axis=1))[0], np.nonzero(mask.any(axis=0))[0]
+    m = int(np.ceil((GUARD_MM + RING_MM) / mm_per_px)) + 2
+    box = (slice(max(rows[0] - m, 0), rows[-1] + m + 1), slice(max(cols[0] - m, 0), cols[-1] + m + 1))
+    sub = mask[box]
+    d_out = ndimage.distance_transform_edt(~sub) * mm_per_px  # outside: distance to the lesion
+    d_in = ndimage.distance_transform_edt(sub) * mm_per_px    # inside: distance to the skin
+    ext = np.ones_like(mask)
+    ext[box] = d_out > GUARD_MM
     if not ext.any():
         raise ValueError("no skin outside the lesion's guard band: cannot measure the outside")
-    ring = ext & (d_out <= GUARD_MM + RING_MM)
+    ring = np.zeros_like(mask)
+    ring[box] = ext[box] & (d_out <= GUARD_MM + RING_MM)
     if not ring.any():
         ring = ext
-    return Regions(mask, mask & (d_in >= CORE_MM), ring, ext)
+    core = np.zeros_like(mask)
+    core[box] = sub & (d_in >= CORE_MM)
+    return Regions(mask, core, ring, ext)
 
 
 def _check_lab(lab, mask) -> np.ndarray:

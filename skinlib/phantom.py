@@ -475,7 +475,7 @@ def _noise_fields(rng, size: int, mm_per_px: float, sigmas_mm, weights=None, cou
     spec *= filt
     g = fft.irfft2(spec, s=(n, n), axes=(-2, -1))[:, :size, :size].astype(np.float64)
     g -= g.mean(axis=(1, 2), keepdims=True)
-    g /= g.std(axis=(1, 2), keepdims=True) + 1e-12
+    g /= (np.sqrt(np.einsum("ijk,ijk->i", g, g) / (size * size)) + 1e-12)[:, None, None]   # the std
     return list(g)
 
 
@@ -643,6 +643,10 @@ def _solve_variation(core, base, var_f, grd_f, nc_t: float, rad_t: float) -> tup
         sect.append(np.stack([np.bincount(idx, weights=row, minlength=measure.N_SECTORS)[ok] / cnt[ok] for row in m]))
 
     S = np.stack(sect)  # (channel, term, sector)
+    # the across-sector variance of channel c is w' G[c] w with w = (1, v, g): the bisection
+    # below then costs a few float operations per step instead of array reductions
+    Sc = S - S.mean(axis=2, keepdims=True)
+    G = (np.einsum("cis,cjs->cij", Sc, Sc) / max(S.shape[2], 1)).tolist()
 
     def v_for(g):   # s(v, g)² = s_t²
         return _quad_root(Q[1, 1], 2 * (Q[0, 1] + g * Q[1, 2]), Q[0, 0] + 2 * g * Q[0, 2] + g * g * Q[2, 2] - s_t ** 2)
@@ -650,7 +654,9 @@ def _solve_variation(core, base, var_f, grd_f, nc_t: float, rad_t: float) -> tup
     def radial(v, g):
         if ok.sum() < 4:
             return 0.0
-        return float((S[:, 0] + v * S[:, 1] + g * S[:, 2]).std(axis=1).max()) - measure.RADIAL_DEADZONE
+        var = max(c[0][0] + v * v * c[1][1] + g * g * c[2][2] + 2 * (v * c[0][1] + g * c[0][2] + v * g * c[1][2])
+                  for c in G)
+        return math.sqrt(max(var, 0.0)) - measure.RADIAL_DEADZONE
 
     if rad_t <= 0:
         return v_for(0.0), 0.0
@@ -705,13 +711,15 @@ def _acquire(rng, rgb: np.ndarray, patient: Patient, mmpp: float, c0, r_eq: floa
     from PIL import Image
 
     size = rgb.shape[0]
+    rgb = rgb.astype(np.float32)   # the picture ends as 8-bit: single precision is plenty, and faster
     facts = {}
     n_hairs = int(rng.poisson(patient.mean_hairs * rng.uniform(0.6, 1.4)))
     if n_hairs:
         alpha, crossing = _hair_alpha(rng, size, mmpp, n_hairs, c0, r_eq)
         hair = np.asarray(patient.hair_lab) + rng.normal(0, [3, 1, 2])
-        hair_rgb = color.lab_to_srgb(hair)
-        rgb = rgb * (1 - alpha[..., None]) + alpha[..., None] * hair_rgb
+        hair_rgb = color.lab_to_srgb(hair).astype(np.float32)
+        alpha = alpha.astype(np.float32)[..., None]
+        rgb = rgb * (1 - alpha) + alpha * hair_rgb
     else:
         crossing = 0
     facts.update(n_hairs=n_hairs, n_hairs_crossing=crossing,
@@ -722,7 +730,7 @@ def _acquire(rng, rgb: np.ndarray, patient: Patient, mmpp: float, c0, r_eq: floa
         if n_spec:
             yx = rng.integers(0, size, (n_spec, 2))
             glint = _blobs(size, mmpp, yx, rng.uniform(0.05, 0.25, n_spec), 0.08)
-            rgb = rgb + glint[..., None] * (1 - rgb)
+            rgb = rgb + glint.astype(np.float32)[..., None] * (1 - rgb)
     facts["n_specular"] = n_spec
     grad = rng.uniform(0.0, 0.22)
     gang = rng.uniform(0, 2 * np.pi)
@@ -731,13 +739,14 @@ def _acquire(rng, rgb: np.ndarray, patient: Patient, mmpp: float, c0, r_eq: floa
     coords = ((np.arange(size) + 0.5) / size - 0.5) * 2  # -1..1
     light = exposure * (1 + grad / 2 * (coords[None, :] * math.cos(gang) + coords[:, None] * math.sin(gang)))
     light = light * (1 - vign * (coords[None, :] ** 2 + coords[:, None] ** 2) / 2)
-    rgb = rgb * light[..., None]
+    rgb = rgb * light.astype(np.float32)[..., None]
     facts.update(light_gradient=float(grad), light_angle_deg=float(np.degrees(gang)),
                  vignetting=float(vign), exposure=float(exposure))
     blur = rng.uniform(0.35, 1.15)
     rgb = ndimage.gaussian_filter(rgb, sigma=(blur, blur, 0))
     facts["blur_sigma_px"] = float(blur)
-    rgb8 = np.clip(np.round(rgb * 255 + rng.normal(0, 0.6, rgb.shape)), 0, 255).astype(np.uint8)
+    rgb8 = np.clip(np.round(rgb * 255 + np.float32(0.6) * rng.standard_normal(rgb.shape, dtype=np.float32)),
+                   0, 255).astype(np.uint8)
     quality = int(rng.integers(65, 91))
     buf = io.BytesIO()
     Image.fromarray(rgb8, "RGB").save(buf, "JPEG", quality=quality, subsampling=2)
