@@ -28,7 +28,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from IPython.display import display
 
-from skinlib import config
+from skinlib import config, figures
 
 cfg = config.load_profile(profile)
 run = config.run_dir(cfg, out)
@@ -43,16 +43,26 @@ print(f"{len(bench)} rows in {results.relative_to(config.REPO_ROOT)}")
 # `bench/extraction.py` (17 embeddings per image: prefix-shared vs full forwards),
 # `bench/percentile.py` (evaluation at the paper's sizes: binary search vs a scan),
 # `bench/search.py` (faiss vs numpy, compressed vs flat), `bench/training.py` (packed vs one tuple per
-# sequence), `bench/main_job.py` (the book command per stage).
+# sequence), `bench/main_job.py` (the book command per stage, against the 15-minute goal),
+# `bench/scale.py` (extraction and evaluation at N = 50,000 vs 5,000: peak memory and time).
+# Run any of them with `.venv/bin/python bench/<name>.py`.
+
+# %%
+if len(bench):
+    fig = figures.benchmark_ratios(bench)
+    plt.show()
+else:
+    print("no benchmark has been run yet: see bench/")
+
+# %% [markdown]
+# The sizes behind each bar (the problem size, memory and recall where they apply) and the machine:
 
 # %%
 if len(bench):
     latest = bench.groupby("benchmark", sort=False).tail(1)
-    with pd.option_context("display.max_colwidth", 120):
-        display(latest[["benchmark", "size", "baseline_s", "ours_s", "ratio", "date"]].reset_index(drop=True))
-    print("machine:", latest.machine.iloc[-1])
-else:
-    print("no benchmark has been run yet: see bench/")
+    with pd.option_context("display.max_colwidth", 200):
+        display(latest[["benchmark", "size", "baseline_s", "ours_s", "ratio"]].reset_index(drop=True))
+    print("machine:", latest.machine.iloc[-1], "| dates:", ", ".join(sorted(set(latest.date))))
 
 # %% [markdown]
 # ## This run, stage by stage

@@ -188,3 +188,25 @@ def percentile_boxes(long: pd.DataFrame, order, labels: dict | None = None, ncol
                frameon=False, fontsize=9)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     return fig
+
+
+def benchmark_ratios(bench: pd.DataFrame):
+    """One bar per benchmark (the newest row of each in bench/results.csv): baseline seconds / ours,
+    on a log axis; bars left of 1 are where ours is slower (e.g. a compressed index trading time
+    for memory)."""
+    latest = bench.groupby("benchmark", sort=False).tail(1).reset_index(drop=True)
+    if latest.empty:
+        raise ValueError("benchmark_ratios: no rows")
+    fig, ax = plt.subplots(figsize=(8, 0.42 * len(latest) + 1))
+    colors = ["C2" if r >= 1 else "C3" for r in latest.ratio]
+    ax.barh(range(len(latest)), latest.ratio, color=colors)
+    ax.set_yticks(range(len(latest)), [b if len(b) <= 70 else b[:67] + "..." for b in latest.benchmark],
+                  fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.axvline(1, color="k", lw=0.8)
+    for i, r in enumerate(latest.ratio):
+        ax.text(r, i, f" {r:.3g}×", va="center", fontsize=8)
+    ax.set(xlabel="ratio = baseline seconds / ours (log; > 1: ours faster or within the goal)")
+    fig.tight_layout()
+    return fig

@@ -110,3 +110,4 @@ def test_value_gaps_are_the_median_distance_of_the_top_k_to_the_query():
     assert g.image_text.tolist() == [0.5, 5.0]
     text = study.fig3_sentence(g, "areaMM2", k=2)
     assert "2.75 mm²" in text and "15.00 mm²" in text and "100%" in text
+
