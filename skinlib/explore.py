@@ -91,13 +91,16 @@ class Explorer:
         """Method (e)'s encoder: the one 04_embed trained or loaded (found, not retrained)."""
         return study.baseline_encoder(self.cfg, self.run, self.release, self.db_ids)
 
-    def untuned_embed(self, image) -> np.ndarray:
+    @cached_property
+    def untuned(self):
+        """Method (d)'s model, the base model before fine-tuning (loaded on the first upload)."""
         from . import finetune, model as models
-        if "untuned" not in self.__dict__:
-            m = self.cfg["model"]
-            self.__dict__["untuned"] = models.load(finetune.base_model(self.cfg, self.run), min_pixels=m["min_pixels"],
-                                                   max_pixels=m["max_pixels"])
-        u = self.__dict__["untuned"]
+        m = self.cfg["model"]
+        return models.load(finetune.base_model(self.cfg, self.run), min_pixels=m["min_pixels"],
+                           max_pixels=m["max_pixels"])
+
+    def untuned_embed(self, image) -> np.ndarray:
+        u = self.untuned
         return embed.embed(u.model, u.tokenizer, u.image_processor, [image], [])["image"][0].numpy()
 
     # ---------------------------------------------------------------- one pick
