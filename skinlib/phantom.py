@@ -77,6 +77,17 @@ _COS, _SIN = np.cos(_THETA), np.sin(_THETA)
 _DTHETA = 2 * np.pi / N_VERT
 _COS1, _SIN1 = np.roll(_COS, -1), np.roll(_SIN, -1)
 _SIN_D, _2COS_D = math.sin(_DTHETA), 2 * math.cos(_DTHETA)
+# The polygon's first and second area moments (Green's theorem over the edges) are sums of the
+# edge monomials r_i^a r_i+1^b (a + b = 3, 4) times fixed functions of the edge's angles: those
+# functions, one column per moment (x, y, xx, yy, xy), so that a moment sum is one product.
+_MOMENT_W = np.concatenate([
+    np.column_stack([_COS, _SIN, 0 * _COS, 0 * _COS, 0 * _COS]),                    # r² r1
+    np.column_stack([_COS1, _SIN1, 0 * _COS, 0 * _COS, 0 * _COS]),                  # r r1²
+    np.column_stack([0 * _COS, 0 * _COS, _COS ** 2, _SIN ** 2, 2 * _COS * _SIN]),   # r³ r1
+    np.column_stack([0 * _COS, 0 * _COS, _COS * _COS1, _SIN * _SIN1,
+                     _COS * _SIN1 + _COS1 * _SIN]),                                  # r² r1²
+    np.column_stack([0 * _COS, 0 * _COS, _COS1 ** 2, _SIN1 ** 2, 2 * _COS1 * _SIN1]),  # r r1³
+]) * _SIN_D
 
 
 def _column(name: str) -> str:
@@ -355,21 +366,20 @@ def _fast_shape(r: np.ndarray) -> tuple[float, float, float, float]:
     The same quantities as skinlib.measure (which the tests hold it to), fused in one pass
     because the shape solver calls it a couple of dozen times per lesion: the vertices sit at
     the fixed angles _THETA, so each edge's cross product is r_i r_i+1 sin(dθ) and its length
-    comes from the law of cosines; sums are dot products.
+    comes from the law of cosines; the moment sums are one product with _MOMENT_W.
     """
     r1 = np.concatenate((r[1:], r[:1]))
-    x0, y0, x1, y1 = r * _COS, r * _SIN, r1 * _COS1, r1 * _SIN1
-    cross = (r * r1) * _SIN_D
-    a2 = float(cross.sum())   # twice the area
-    cx, cy = np.dot(x0 + x1, cross) / (3 * a2), np.dot(y0 + y1, cross) / (3 * a2)
-    sxx = np.dot(x0 * x0 + x0 * x1 + x1 * x1, cross) / (6 * a2) - cx * cx
-    syy = np.dot(y0 * y0 + y0 * y1 + y1 * y1, cross) / (6 * a2) - cy * cy
-    sxy = np.dot(x0 * (y1 + 2 * y0) + x1 * (2 * y1 + y0), cross) / (12 * a2) - cx * cy
+    rr1 = r * r1
+    a2 = float(rr1.sum()) * _SIN_D   # twice the area
+    rr1_r, rr1_r1 = rr1 * r, rr1 * r1
+    sx, sy, sxx, syy, sxy = np.concatenate((rr1_r, rr1_r1, rr1_r * r, rr1_r * r1, rr1_r1 * r1)) @ _MOMENT_W
+    cx, cy = sx / (3 * a2), sy / (3 * a2)
+    sxx, syy, sxy = sxx / (6 * a2) - cx * cx, syy / (6 * a2) - cy * cy, sxy / (12 * a2) - cx * cy
     a = a2 / 2.0
     ev_min = (sxx + syy) / 2 - math.sqrt(((sxx - syy) / 2) ** 2 + sxy * sxy)
     minor = 4.0 * math.sqrt(max(ev_min, 0.0))
-    perim = float(np.sqrt(np.maximum(r * r + r1 * r1 - _2COS_D * (r * r1), 0.0)).sum())
-    hull_area, hull_perim = _hull_area_perimeter(np.column_stack([x0, y0]))
+    perim = float(np.sqrt(np.maximum(r * r + r1 * r1 - _2COS_D * rr1, 0.0)).sum())
+    hull_area, hull_perim = _hull_area_perimeter(np.column_stack([r * _COS, r * _SIN]))
     score = (measure.BORDER_CONVEXITY_WEIGHT * (1.0 - hull_perim / perim)
              + measure.BORDER_SOLIDITY_WEIGHT * (1.0 - a / hull_area))
     return a, minor ** 2 / a, perim ** 2 / a, min(max(score, 0.0), 10.0)
@@ -433,11 +443,21 @@ def solve_shape(rng, area: float, minor: float, apr: float, nb: float, mm_per_px
 
 def polygon_radius_at(r: np.ndarray, theta: np.ndarray) -> np.ndarray:
     """Exact radius, at angles theta, of the star polygon with vertex radii r at _THETA."""
-    t = np.mod(theta, 2 * np.pi)
-    i = np.minimum((t / _DTHETA).astype(np.int64), N_VERT - 1)
-    ri, rj = r[i], r[(i + 1) % N_VERT]
-    u = t - i * _DTHETA
-    return ri * rj * math.sin(_DTHETA) / (ri * np.sin(u) + rj * np.sin(_DTHETA - u))
+    return _radius_along(r, _edge_index(theta), np.cos(theta), np.sin(theta))
+
+
+def _edge_index(theta: np.ndarray) -> np.ndarray:
+    """Index i of the polygon edge (vertex i to i + 1) that the ray at angle theta crosses."""
+    return np.floor(np.asarray(theta) * (1 / _DTHETA)).astype(np.intp) % N_VERT   # np.mod on floats is slow
+
+
+def _radius_along(r: np.ndarray, i: np.ndarray, ux: np.ndarray, uy: np.ndarray) -> np.ndarray:
+    """Radius of the star polygon along unit directions (ux, uy) that cross edges i: where the
+    ray meets the edge, cross(v_i, e_i) / cross(u, e_i), with e_i = v_i+1 - v_i (no trigonometry,
+    so the angles and directions of a pixel grid are worked out once per crop, not per radii)."""
+    x, y = r * _COS, r * _SIN
+    ex, ey = np.roll(x, -1) - x, np.roll(y, -1) - y
+    return (x * ey - y * ex)[i] / (ux * ey[i] - uy * ex[i])
 
 
 # ============================================================================ fields
@@ -463,15 +483,21 @@ def _grid32(size: int, mm_per_px: float) -> np.ndarray:
 
 def _noise_fields(rng, size: int, mm_per_px: float, sigmas_mm, weights=None, count: int = 1):
     """`count` independent smooth Gaussian fields (unit std on the crop) with a spectrum that is
-    a weighted sum of Gaussian low-pass filters of the given spatial sigmas (mm), via FFT."""
+    a weighted sum of Gaussian low-pass filters of the given spatial sigmas (mm), via FFT.
+
+    The white noise filtered in the frequency domain is uniform (random bytes, 256 levels), not
+    normal: each pixel sums thousands of independent coefficients, so the field is Gaussian all
+    the same (same spectrum, hence same covariance), and random bytes cost a tenth of normal
+    draws, which were the largest single cost of a crop."""
     n, f2 = _grid(size, mm_per_px)
     e2 = _grid32(size, mm_per_px)
     weights = np.ones(len(sigmas_mm)) if weights is None else np.asarray(weights, dtype=float)
     # single precision: plenty for a texture, and twice as fast to filter, draw and transform
     filt = sum(np.float32(w) * np.exp(np.float32(s * s) * e2) for w, s in zip(weights, sigmas_mm))
     spec = np.empty((count, *f2.shape), dtype=np.complex64)
-    spec.real = rng.standard_normal(spec.shape, dtype=np.float32)
-    spec.imag = rng.standard_normal(spec.shape, dtype=np.float32)
+    white = spec.view(np.float32)          # real and imaginary parts, interleaved
+    white[...] = np.frombuffer(rng.bytes(white.size), dtype=np.int8).reshape(white.shape)
+    white += np.float32(0.5)               # zero mean; the scale goes with the normalisation
     spec *= filt
     g = fft.irfft2(spec, s=(n, n), axes=(-2, -1))[:, :size, :size].astype(np.float64)
     g -= g.mean(axis=(1, 2), keepdims=True)
@@ -535,9 +561,11 @@ def _skin_and_lesion(rng, t: dict, patient: Patient, size: int, mmpp: float):
     coords = (np.arange(size) + 0.5) * mmpp
     dx, dy = coords[None, :] - c0[0], coords[:, None] - c0[1]
     rho = np.hypot(dx, dy)
-    theta = np.arctan2(dy, dx)
+    edge = _edge_index(np.arctan2(dy, dx))
+    ux = np.divide(dx, rho, out=np.ones_like(rho), where=rho > 0)   # the pixels' directions
+    uy = np.divide(dy, rho, out=np.zeros_like(rho), where=rho > 0)
     for _ in range(6):  # a big lesion must leave some skin in the crop
-        rpoly = polygon_radius_at(r_mm, theta)
+        rpoly = _radius_along(r_mm, edge, ux, uy)
         mask = rho < rpoly
         reg = measure.regions(mask, mmpp) if mask.any() and (~mask).sum() > 0.3 * mask.size else None
         if reg is not None and reg.ext.sum() >= 0.12 * mask.size and mask.any():
@@ -575,15 +603,26 @@ def _skin_and_lesion(rng, t: dict, patient: Patient, size: int, mmpp: float):
     L_in, B_in = t["Lext"] + t["deltaL"], t["Bext"] + t["deltaB"]
     skin_b = 0.3 * std_t * tex_b + 0.4 * fr_depth * fr
     b_ring_off = skin_b[ring].mean() - skin_b[ext].mean()
+
+    def ring_minus_ext(a):
+        return a[ring].mean() - a[ext].mean()
+
+    def cov(a, b):   # population covariance over ext; a is centred
+        return float(np.dot(a, b)) / a.size
+
+    # the skin's L* is s * tex_l + fr_l + h * halo: its std over ext and its ring contrast are
+    # linear / quadratic in (s, h), so the coupled solve below runs on a few precomputed sums
+    tl_e, fr_e, ha_e = tex_l[ext], fr_l[ext], halo[ext]
+    tl_e = tl_e - tl_e.mean()
+    fr_c, ha_c = fr_e - fr_e.mean(), ha_e - ha_e.mean()
+    v_tl, v_fl, v_ha, c_fl_ha = cov(tl_e, tl_e), cov(fr_c, fr_c), cov(ha_c, ha_c), cov(fr_c, ha_c)
+    c_tl_fr, c_tl_ha = cov(tl_e, fr_e), cov(tl_e, ha_e)
+    d_tl, d_fr, kappa = ring_minus_ext(tex_l), ring_minus_ext(fr_l), ring_minus_ext(halo)
     h, s = 0.0, std_t
-    tl_e = tex_l[ext]
     for _ in range(3):  # texture strength s for stdLExt, halo h for deltaLB (coupled, 3 rounds)
-        y = fr_l + h * halo
-        ye = y[ext]
-        s = _quad_root(tl_e.var(), 2 * np.cov(tl_e, ye, bias=True)[0, 1], ye.var() - std_t ** 2)
-        x = s * tex_l + fr_l
-        d0 = x[ring].mean() - x[ext].mean()
-        kappa = halo[ring].mean() - halo[ext].mean()
+        var_y = v_fl + 2 * h * c_fl_ha + h * h * v_ha        # y = fr_l + h * halo over ext
+        s = _quad_root(v_tl, 2 * (c_tl_fr + h * c_tl_ha), var_y - std_t ** 2)
+        d0 = s * d_tl + d_fr                                  # ring contrast of s * tex_l + fr_l
         rhs = t["deltaLB"] ** 2 - (t["deltaB"] - b_ring_off) ** 2
         dl = t["deltaL"] - d0
         h = float(np.clip((dl + math.sqrt(max(rhs, 0.0))) / kappa, -3.0, 3.0)) if kappa > 1e-6 and rhs > 0 else 0.0
@@ -639,7 +678,8 @@ def _solve_variation(core, base, var_f, grd_f, nc_t: float, rad_t: float) -> tup
     sect = []
     for b, vf, gf in zip(base, var_f, grd_f):
         m = np.stack([b[core], vf[core], gf[core]])
-        Q += np.cov(m, bias=True) / 3.0
+        mc = m - m.mean(axis=1, keepdims=True)
+        Q += (mc @ mc.T) / (3.0 * m.shape[1])   # the (biased) covariance, as np.cov(bias=True)
         sect.append(np.stack([np.bincount(idx, weights=row, minlength=measure.N_SECTORS)[ok] / cnt[ok] for row in m]))
 
     S = np.stack(sect)  # (channel, term, sector)
@@ -701,7 +741,7 @@ def _hair_alpha(rng, size: int, mmpp: float, n: int, c0, r_eq: float) -> tuple[n
         pts = pts / mmpp * ss
         width = max(1, int(round(rng.uniform(0.45, 1.3) * ss)))
         draw.line([tuple(p) for p in pts], fill=int(255 * rng.uniform(0.45, 0.95)), width=width, joint="curve")
-    alpha = np.asarray(canvas.resize((size, size), Image.BOX), dtype=np.float64) / 255.0
+    alpha = np.asarray(canvas.resize((size, size), Image.BOX), dtype=np.float32) * np.float32(1 / 255)
     return alpha, crossing
 
 
@@ -718,8 +758,7 @@ def _acquire(rng, rgb: np.ndarray, patient: Patient, mmpp: float, c0, r_eq: floa
         alpha, crossing = _hair_alpha(rng, size, mmpp, n_hairs, c0, r_eq)
         hair = np.asarray(patient.hair_lab) + rng.normal(0, [3, 1, 2])
         hair_rgb = color.lab_to_srgb(hair).astype(np.float32)
-        alpha = alpha.astype(np.float32)[..., None]
-        rgb = rgb * (1 - alpha) + alpha * hair_rgb
+        rgb += alpha[..., None] * (hair_rgb - rgb)
     else:
         crossing = 0
     facts.update(n_hairs=n_hairs, n_hairs_crossing=crossing,
@@ -745,8 +784,13 @@ def _acquire(rng, rgb: np.ndarray, patient: Patient, mmpp: float, c0, r_eq: floa
     blur = rng.uniform(0.35, 1.15)
     rgb = ndimage.gaussian_filter(rgb, sigma=(blur, blur, 0))
     facts["blur_sigma_px"] = float(blur)
-    rgb8 = np.clip(np.round(rgb * 255 + np.float32(0.6) * rng.standard_normal(rgb.shape, dtype=np.float32)),
-                   0, 255).astype(np.uint8)
+    # sensor noise of 0.6 levels before the 8-bit rounding; uniform (sd 0.6), as cheap draws
+    # matter on every pixel and the noise's shape is lost in the rounding and the JPEG
+    noise = rng.random(rgb.shape, dtype=np.float32)
+    noise -= np.float32(0.5)
+    rgb *= np.float32(255)
+    rgb += np.float32(0.6 * math.sqrt(12)) * noise
+    rgb8 = np.clip(np.round(rgb, out=rgb), 0, 255, out=rgb).astype(np.uint8)
     quality = int(rng.integers(65, 91))
     buf = io.BytesIO()
     Image.fromarray(rgb8, "RGB").save(buf, "JPEG", quality=quality, subsampling=2)
@@ -782,8 +826,9 @@ def draw_lesion(rng=None, *, targets: dict | None = None, patient: Patient | Non
     t.update(targets or {})
     lab, mask, contour, facts, reg = _skin_and_lesion(rng, t, patient, size, mmpp)
     rgb = color.lab_to_srgb(lab, clip=False)
-    out = (rgb < 0) | (rgb > 1)
-    facts["gamut_clipped_frac"] = float(out.any(-1).mean())
+    out = ((rgb < 0) | (rgb > 1)).reshape(-1, 3)
+    out = out[:, 0] | out[:, 1] | out[:, 2]   # pixels out of gamut (faster than any(-1))
+    facts["gamut_clipped_frac"] = np.count_nonzero(out) / out.size
     if out.any():   # measure what can be shown: the in-gamut picture
         rgb = np.clip(rgb, 0.0, 1.0)
         lab = color.srgb_to_lab(rgb)
@@ -861,6 +906,15 @@ def metadata_row(isic_id: str, lesion: Lesion, patient: Patient, rng) -> dict:
 
 
 def _make_chunk(args) -> list[tuple[str, bytes, dict, dict]]:
+    # One BLAS thread: the matrix products here are small, and with several worker processes each
+    # starting a BLAS thread per core, 5,000 crops on 2 cores took 101 s instead of 36 s.
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _make_chunk_1(args)
+
+
+def _make_chunk_1(args) -> list[tuple[str, bytes, dict, dict]]:
     seed, start, patients = args
     out = []
     for k, p in enumerate(patients):
