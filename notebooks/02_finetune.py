@@ -65,9 +65,12 @@ display(fmt)
 # %% [markdown]
 # ## Train
 #
-# The loop runs through `accelerate` (one CPU process here; `accelerate launch -m skinlib.finetune`
-# on several GPUs), with a cosine schedule, a progress bar with loss and throughput, and a checkpoint
-# of the trainable weights, optimizer, scheduler and random state every `checkpoint_every` steps.
+# The loop runs through `accelerate`: with the profile's `train.processes` above 1 this cell runs
+# `accelerate launch --multi_gpu --num_processes N -m skinlib.finetune` (data parallel: N GPUs, or
+# here two gloo processes of one thread each on the two CPU cores, 1.46 times the speed of one
+# process on both cores, `bench/processes.py`). It has a cosine schedule, a progress bar with loss and
+# throughput, and a checkpoint of the trainable weights, optimizer, scheduler and random state every
+# `checkpoint_every` steps.
 # Stopping this cell and running it again resumes from the last checkpoint and ends with the same
 # weights as an uninterrupted run (a test checks it). A model already trained under this run folder
 # (for example by `accelerate launch`) is reused.
@@ -81,7 +84,7 @@ display(fmt)
 #   tower pretrained on millions of images; ours is random, and trained on answers alone its language
 #   model settles on each attribute's usual answer before the vision tower learns to see the lesion.
 #   A linear read-out of the vision tower's mean output token regresses the same training tuples'
-#   values for a few hundred steps and is then thrown away.
+#   values for `vision_warmup.steps` steps (1,200 here, about a minute) and is then thrown away.
 # - **The W questions of an image share one sequence** (multi-turn): the image and the system prompt
 #   are encoded once per image instead of once per tuple, about 2.8 times the tuples per second on
 #   2 cores. At prediction every question is asked alone, as in the paper.

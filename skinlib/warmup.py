@@ -6,7 +6,7 @@ weights; trained on question–answer tuples alone, its language model learns ea
 answer long before its vision tower learns to see the lesion, and it stalls there (the book shows
 the measurement). A short warm-up stands in for the missing pretraining: the vision tower's output
 tokens are averaged, a linear read-out regresses the *same training tuples'* values (standardised,
-only the W attributes drawn per image), and after a few hundred steps the read-out is discarded.
+only the W attributes drawn per image), and after some hundreds of steps the read-out is discarded.
 The model that is then fine-tuned is an ordinary Qwen2-VL; no test image and no other label is used.
 """
 from __future__ import annotations

@@ -28,6 +28,20 @@ def test_every_stage_executes_and_leaves_its_artifacts(smoke_run):
     assert config.exclusions_path(out).exists()
 
 
+def test_fine_tuning_ran_as_two_accelerate_processes(smoke_run):
+    # the smoke profile inherits the default's train.processes: 2, so the stage went through
+    # `accelerate launch` with two gloo processes, each taking half of every batch
+    out, _ = smoke_run
+    cfg = config.load_profile("smoke")
+    assert cfg["train"]["processes"] == 2
+    summary = json.loads((config.finetuned_dir(out) / "summary.json").read_text())
+    assert summary["processes"] == 2 and summary["device"].startswith("cpu")
+    launched = yaml.safe_load((config.stage_dir(out, "02_finetune") / "launched-profile.yaml").read_text())
+    assert launched["name"] == "smoke" and launched["train"] == cfg["train"]
+    hist = (config.checkpoint_dir(out) / "history.csv").read_text().splitlines()
+    assert len(hist) - 1 == summary["steps"]
+
+
 def test_unchanged_stages_are_reused_and_a_changed_parameter_reruns(smoke_run, tmp_path, capsys):
     out, _ = smoke_run
     assert run.run_chain("smoke", out=out) == {s: "cached" for s in config.STAGE_NAMES}

@@ -165,7 +165,9 @@ def test_finetuned_folder_and_method_errors(tiny, tmp_path):
 def test_finetune_stage_trains_saves_and_is_reused(release, tmp_path, monkeypatch):
     from skinlib import config
     cfg = config.load_profile("smoke")
-    cfg["train"].update(epochs=1.0, batch_size=4, warmup_steps=1, checkpoint_every=3)
+    # in this process (the monkeypatched release would not reach launched workers; the chain test
+    # covers the launched path)
+    cfg["train"].update(epochs=1.0, batch_size=4, warmup_steps=1, checkpoint_every=3, processes=1)
     run = tmp_path / "run"
     manifest = split.build_manifest(release.attribute_frame(), test_fraction=0.3, seed=0)
     split.save_manifest(manifest, config.manifest_path(run))

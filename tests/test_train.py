@@ -99,3 +99,15 @@ def test_lora_training_lowers_the_loss(tiny, tmp_path):
 def test_unknown_setting_is_named():
     with pytest.raises(KeyError, match="lerning_rate"):
         train.Settings.from_dict({"lerning_rate": 1})
+
+
+def test_a_failed_accelerate_launch_names_the_command_and_its_error(tmp_path):
+    # two real processes through accelerate's launcher; the run folder has no manifest, so both
+    # fail in their first lines and the stage must say so rather than return without a model
+    from skinlib import config, finetune
+
+    cfg = config.load_profile("smoke")
+    assert cfg["train"]["processes"] == 2
+    with pytest.raises(RuntimeError, match=r"(?s)accelerate\.commands\.launch.*--num_processes 2.*manifest"):
+        finetune.run(cfg, tmp_path / "run", progress=False)
+    assert (config.stage_dir(tmp_path / "run", "02_finetune") / "launched-profile.yaml").exists()
