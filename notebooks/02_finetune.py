@@ -86,7 +86,7 @@ display(fmt)
 #   A linear read-out of the vision tower's mean output token regresses the same training tuples'
 #   values for `vision_warmup.steps` steps (1,200 here, about a minute) and is then thrown away.
 # - **The W questions of an image share one sequence** (multi-turn): the image and the system prompt
-#   are encoded once per image instead of once per tuple, about 2.8 times the tuples per second on
+#   are encoded once per image instead of once per tuple, about 3.2 times the tuples per second on
 #   2 cores. At prediction every question is asked alone, as in the paper.
 
 # %%
