@@ -43,7 +43,8 @@ print(f"{len(bench)} rows in {results.relative_to(config.REPO_ROOT)}")
 # `bench/extraction.py` (17 embeddings per image: prefix-shared vs full forwards),
 # `bench/percentile.py` (evaluation at the paper's sizes: binary search vs a scan),
 # `bench/search.py` (faiss vs numpy, compressed vs flat), `bench/training.py` (packed vs one tuple per
-# sequence), `bench/main_job.py` (the book command per stage, against the 15-minute goal),
+# sequence), `bench/processes.py` (two one-thread training processes vs one on two threads),
+# `bench/main_job.py` (the book command per stage, against the 15-minute goal),
 # `bench/scale.py` (extraction and evaluation at N = 50,000 vs 5,000: peak memory and time).
 # Run any of them with `.venv/bin/python bench/<name>.py`.
 
