@@ -74,23 +74,76 @@ def prepare(cfg: dict, run, device=None, progress: bool = True):
     return models.Loaded(net, loaded.tokenizer, loaded.image_processor), tup, cache, settings(t)
 
 
+RECIPE = "recipe.json"
+# train keys that cannot change the fine-tuned weights: changing them does not start a new model
+NOT_IN_RECIPE = {"compare_steps", "keep_images", "checkpoint_every", "keep_checkpoints"}
+
+
+def recipe(cfg: dict, run_dir) -> dict:
+    """What the fine-tuned weights depend on: the model and train sections, and the split's data
+    (the manifest's hash: which images, which split, which values)."""
+    import hashlib
+
+    man = config.manifest_path(run_dir)   # missing: prepare() names it in its own error
+    data = hashlib.sha256(man.read_bytes()).hexdigest()[:16] if man.exists() else None
+    train = {k: v for k, v in cfg["train"].items() if k not in NOT_IN_RECIPE}
+    return json.loads(json.dumps({"model": cfg["model"], "train": train, "manifest": data}))
+
+
+def start_recipe(cfg: dict, run_dir) -> bool:
+    """True when the stage folder holds a finished model of this recipe. Otherwise, what another
+    recipe left there (model, checkpoints, tuples, warm-up, tiny base) is removed, with a line
+    naming what changed, and this recipe is stamped: a changed profile never resumes from, or
+    reuses, another recipe's weights."""
+    import shutil
+
+    stage = config.stage_dir(run_dir, "02_finetune")
+    stamp, now = stage / RECIPE, recipe(cfg, run_dir)
+    before = json.loads(stamp.read_text()) if stamp.exists() else None
+    if before == now:
+        return (config.finetuned_dir(run_dir) / models.FINETUNE_NOTE).exists()
+    left = [p for p in (config.finetuned_dir(run_dir), config.checkpoint_dir(run_dir), config.tuples_path(run_dir),
+                        stage / warmup.WEIGHTS, config.base_model_dir(run_dir), stage / "launched-profile.yaml")
+            if p.exists()]
+    if left:
+        what = "no recipe stamp" if before is None else ", ".join(_changes(before, now)) or "the recipe"
+        print(f"02_finetune: {what} changed since the files in {stage} were made; removing "
+              f"{', '.join(p.name for p in left)}", file=sys.stderr)
+        for p in left:
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    stage.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(json.dumps(now, indent=1))
+    return False
+
+
+def _changes(before, now, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ, e.g. ['train.epochs 4.0 -> 7.0']."""
+    if isinstance(before, dict) and isinstance(now, dict):
+        return [c for k in sorted(set(before) | set(now), key=str)
+                for c in _changes(before.get(k), now.get(k), f"{prefix}{k}.")]
+    return [] if before == now else [f"{prefix[:-1]} {before!r} -> {now!r}"]
+
+
 def run(cfg: dict, run_dir, device=None, progress: bool = True, stop_after: int | None = None) -> dict:
     """Train (or resume, or find finished) and save the fine-tuned model; returns a summary."""
     from accelerate import Accelerator
 
     out = config.finetuned_dir(run_dir)
-    if (out / models.FINETUNE_NOTE).exists():
-        return json.loads((out / "summary.json").read_text()) | {"reused": True}
     procs = int(cfg["train"].get("processes") or 1)
     if procs > 1 and "WORLD_SIZE" not in os.environ and stop_after is None:
+        if start_recipe(cfg, run_dir):
+            return json.loads((out / "summary.json").read_text()) | {"reused": True}
         launch(cfg, run_dir, procs, progress=progress)
         return json.loads((out / "summary.json").read_text()) | {"finished": True, "reused": False}
     # cpu=True also when torch sees no GPU: then `accelerate launch --multi_gpu --num_processes 2`
     # runs as gloo data parallelism on CPU cores instead of two unconnected copies
     acc = Accelerator(cpu=device == "cpu" or (device is None and models.default_device() == "cpu"))
     # What is written once (the tiny base, the tuples, the warmed vision tower) is made by the main
-    # process first; the others then read it instead of racing to write the same files.
+    # process first; the others then read it instead of racing to write the same files. The main
+    # process also clears what another recipe left; the others then find the recipe stamped.
     with acc.main_process_first():
+        if start_recipe(cfg, run_dir):
+            return json.loads((out / "summary.json").read_text()) | {"reused": True}
         loaded, tup, cache, st = prepare(cfg, run_dir, device=acc.device, progress=progress)
     if acc.is_main_process:
         config.tuples_path(run_dir).parent.mkdir(parents=True, exist_ok=True)

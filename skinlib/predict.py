@@ -85,7 +85,8 @@ def predict_sharded(model, tokenizer, image_processor, images: Mapping, truth: p
                     shard_images: int = 250, key: str = "", progress: bool = True, **kw) -> pd.DataFrame:
     """`predict` in shards of `shard_images` images, each written to `out_dir` as it finishes, so an
     interrupted run resumes where it stopped. `key` (e.g. the model's path) plus the image ids
-    identify the job: shards of a different job are cleared, never mixed in."""
+    identify the job with a fingerprint of the weights (a model retrained at the same path is
+    another job): shards of a different job are cleared, never mixed in."""
     import hashlib
     import json
     from pathlib import Path
@@ -94,7 +95,10 @@ def predict_sharded(model, tokenizer, image_processor, images: Mapping, truth: p
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    job = hashlib.sha256(("\n".join(truth.isic_id) + f"|{key}|{shard_images}|{sorted(kw.items())}")
+    from .embed import model_fingerprint
+
+    job = hashlib.sha256(("\n".join(truth.isic_id) + f"|{key}|{model_fingerprint(model)}|{shard_images}"
+                          f"|{sorted(kw.items())}")
                          .encode()).hexdigest()[:16]
     stamp = out / "job.json"
     if not stamp.exists() or json.loads(stamp.read_text()).get("job") != job:

@@ -121,6 +121,20 @@ def test_sharded_prediction_resumes_and_equals_one_pass(release, tiny, tmp_path)
     other = predict.predict_sharded(*args, frame.tail(2), tmp_path, shard_images=2, key="m",
                                     progress=False, max_new_tokens=4)
     assert other.isic_id.tolist() == whole[whole.isic_id.isin(frame.tail(2).isic_id)].isic_id.tolist()
+    # nor does another model under the same key (a model retrained at the same path)
+    predict.predict_sharded(*args, frame, tmp_path, shard_images=2, key="m", progress=False, max_new_tokens=4)
+    job = (tmp_path / "job.json").read_text()
+    changed = mdl.load(tiny).model
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in changed.parameters():
+            p += 0.5 * torch.randn_like(p)
+    args2 = (changed, loaded.tokenizer, loaded.image_processor, cache)
+    again = predict.predict_sharded(*args2, frame, tmp_path, shard_images=2, key="m", progress=False,
+                                    max_new_tokens=4)
+    assert (tmp_path / "job.json").read_text() != job
+    pd.testing.assert_frame_equal(again, predict.predict(*args2, frame, progress=False, max_new_tokens=4),
+                                  check_dtype=False)
 
 
 def _logits(loaded, release):
@@ -162,7 +176,7 @@ def test_finetuned_folder_and_method_errors(tiny, tmp_path):
         finetune.settings({"learning_rate": 1e-3})
 
 
-def test_finetune_stage_trains_saves_and_is_reused(release, tmp_path, monkeypatch):
+def test_finetune_stage_trains_saves_and_is_reused(release, tmp_path, monkeypatch, capsys):
     from skinlib import config
     cfg = config.load_profile("smoke")
     # in this process (the monkeypatched release would not reach launched workers; the chain test
@@ -179,3 +193,13 @@ def test_finetune_stage_trains_saves_and_is_reused(release, tmp_path, monkeypatc
     assert len(hist) == first["steps"]
     again = finetune.run(cfg, run, device="cpu", progress=False)
     assert again["reused"] and again["steps"] == first["steps"]
+    # a key that cannot change the weights keeps the model; a changed recipe trains a new one and
+    # says what changed, never resuming from or reusing the other recipe's files
+    cfg["train"]["compare_steps"] = 7
+    assert finetune.run(cfg, run, device="cpu", progress=False)["reused"]
+    cfg["train"]["epochs"] = 2.0
+    capsys.readouterr()
+    longer = finetune.run(cfg, run, device="cpu", progress=False)
+    assert "train.epochs 1.0 -> 2.0" in capsys.readouterr().err
+    assert not longer["reused"] and longer["resumed_from"] is None and longer["steps"] == 2 * first["steps"]
+    assert len(pd.read_csv(config.checkpoint_dir(run) / "history.csv")) == longer["steps"]
