@@ -73,7 +73,8 @@ display(fmt)
 # `checkpoint_every` steps.
 # Stopping this cell and running it again resumes from the last checkpoint and ends with the same
 # weights as an uninterrupted run (a test checks it). A model already trained under this run folder
-# (for example by `accelerate launch`) is reused.
+# with the same recipe (for example by `accelerate launch`) is reused; after a change to the model
+# or train section, the other recipe's files are removed and training starts afresh.
 #
 # Where the embedded default departs from the paper's recipe, and why (the `paper` profile keeps the
 # paper's: LoRA, one tuple per sequence, no warm-up):

@@ -10,6 +10,7 @@ after which the notebook finds the finished model and only draws the figures. An
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -132,9 +133,9 @@ def run(cfg: dict, run_dir, device=None, progress: bool = True, stop_after: int 
     procs = int(cfg["train"].get("processes") or 1)
     if procs > 1 and "WORLD_SIZE" not in os.environ and stop_after is None:
         if start_recipe(cfg, run_dir):
-            return json.loads((out / "summary.json").read_text()) | {"reused": True}
+            return _saved_summary(out) | {"reused": True}
         launch(cfg, run_dir, procs, progress=progress)
-        return json.loads((out / "summary.json").read_text()) | {"finished": True, "reused": False}
+        return _saved_summary(out) | {"finished": True, "reused": False}
     # cpu=True also when torch sees no GPU: then `accelerate launch --multi_gpu --num_processes 2`
     # runs as gloo data parallelism on CPU cores instead of two unconnected copies
     acc = Accelerator(cpu=device == "cpu" or (device is None and models.default_device() == "cpu"))
@@ -143,7 +144,7 @@ def run(cfg: dict, run_dir, device=None, progress: bool = True, stop_after: int 
     # process also clears what another recipe left; the others then find the recipe stamped.
     with acc.main_process_first():
         if start_recipe(cfg, run_dir):
-            return json.loads((out / "summary.json").read_text()) | {"reused": True}
+            return _saved_summary(out) | {"reused": True}
         loaded, tup, cache, st = prepare(cfg, run_dir, device=acc.device, progress=progress)
     if acc.is_main_process:
         config.tuples_path(run_dir).parent.mkdir(parents=True, exist_ok=True)
@@ -185,6 +186,15 @@ def run(cfg: dict, run_dir, device=None, progress: bool = True, stop_after: int 
     return summary | {"finished": True, "reused": False}
 
 
+def _saved_summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+def thread_share(cfg: dict, processes: int) -> int:
+    """Each of `processes` processes on one machine gets its share of the profile's threads."""
+    return max(1, int(cfg.get("threads", 1)) // int(processes))
+
+
 def launch(cfg: dict, run_dir, processes: int, progress: bool = True) -> None:
     """Run this stage as `accelerate launch --multi_gpu --num_processes N -m skinlib.finetune`.
 
@@ -207,8 +217,7 @@ def launch(cfg: dict, run_dir, processes: int, progress: bool = True) -> None:
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(port), "-m", "skinlib.finetune", "--profile", str(prof),
            "--out", str(run_dir)] + ([] if progress else ["--quiet"])
-    threads = max(1, int(cfg.get("threads", 1)) // processes)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": str(thread_share(cfg, processes)), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     seen: list[str] = []
     try:
@@ -232,24 +241,21 @@ def launch(cfg: dict, run_dir, processes: int, progress: bool = True) -> None:
                            f"last output:\n{text[-3000:]}")
 
 
-class _all_threads:
+@contextlib.contextmanager
+def _all_threads(cfg: dict, acc):
     """On CPU with several processes, the main process takes every thread for the work it does
     alone (the warm-up) while the others wait; back to its share afterwards."""
+    import torch
 
-    def __init__(self, cfg: dict, acc):
-        self.n = int(cfg.get("threads", 1))
-        self.on = acc.num_processes > 1 and acc.is_main_process and acc.device.type == "cpu"
-
-    def __enter__(self):
-        if self.on:
-            import torch
-            self.old = torch.get_num_threads()
-            torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc):
-        if self.on:
-            import torch
-            torch.set_num_threads(self.old)
+    if not (acc.num_processes > 1 and acc.is_main_process and acc.device.type == "cpu"):
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(int(cfg.get("threads", 1)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def compare_methods(cfg: dict, run_dir, steps: int = 150, methods=("full", "lora")) -> pd.DataFrame:
@@ -280,7 +286,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     cfg = config.load_profile(a.profile)
     # under accelerate launch the profile's threads are shared by the processes on this machine
-    config.set_threads(max(1, int(cfg.get("threads", 1)) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))))
+    config.set_threads(thread_share(cfg, os.environ.get("LOCAL_WORLD_SIZE", 1)))
     summary = run(cfg, config.run_dir(cfg, a.out), progress=not a.quiet)
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps(summary, indent=1))
