@@ -10,7 +10,6 @@ after which the notebook finds the finished model and only draws the figures. An
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import re
@@ -139,9 +138,10 @@ def run(cfg: dict, run_dir, device=None, progress: bool = True, stop_after: int 
     # cpu=True also when torch sees no GPU: then `accelerate launch --multi_gpu --num_processes 2`
     # runs as gloo data parallelism on CPU cores instead of two unconnected copies
     acc = Accelerator(cpu=device == "cpu" or (device is None and models.default_device() == "cpu"))
-    # What is written once (the tiny base, the tuples, the warmed vision tower) is made by the main
-    # process first; the others then read it instead of racing to write the same files. The main
-    # process also clears what another recipe left; the others then find the recipe stamped.
+    # What is written once (the tiny base, the tuples) is made by the main process first; the others
+    # then read it instead of racing to write the same files. The main process also clears what
+    # another recipe left; the others then find the recipe stamped. The vision warm-up, like the
+    # training, runs in every process on its share of each batch; the main process saves it.
     with acc.main_process_first():
         if start_recipe(cfg, run_dir):
             return _saved_summary(out) | {"reused": True}
@@ -158,10 +158,10 @@ def run(cfg: dict, run_dir, device=None, progress: bool = True, stop_after: int 
         if cfg["train"]["method"] != "full":
             raise ValueError("train.vision_warmup is for full fine-tuning of a random-init model; "
                              "set its steps to 0 with method 'lora'")
-        with acc.main_process_first(), _all_threads(cfg, acc):
-            warmup.warm_up(net, tup, cache, config.stage_dir(run_dir, "02_finetune"), steps=wu["steps"],
-                           batch_size=wu["batch_size"], lr=wu["lr"], seed=st.seed,
-                           progress=progress and acc.is_main_process)
+        # every process takes its share of each warm-up batch (data parallel, like the training)
+        warmup.warm_up(net, tup, cache, config.stage_dir(run_dir, "02_finetune"), steps=wu["steps"],
+                       batch_size=wu["batch_size"], lr=wu["lr"], seed=st.seed,
+                       progress=progress and acc.is_main_process, accelerator=acc)
     trainable = sum(p.numel() for p in net.parameters() if p.requires_grad)
     total = sum(p.numel() for p in net.parameters())
     t0 = time.perf_counter()
@@ -239,23 +239,6 @@ def launch(cfg: dict, run_dir, processes: int, progress: bool = True) -> None:
         cause = errors[0] if errors else "(no exception line found)"
         raise RuntimeError(f"fine-tuning under `{' '.join(cmd[2:])}` failed (exit {rc}): {cause}\n"
                            f"last output:\n{text[-3000:]}")
-
-
-@contextlib.contextmanager
-def _all_threads(cfg: dict, acc):
-    """On CPU with several processes, the main process takes every thread for the work it does
-    alone (the warm-up) while the others wait; back to its share afterwards."""
-    import torch
-
-    if not (acc.num_processes > 1 and acc.is_main_process and acc.device.type == "cpu"):
-        yield
-        return
-    old = torch.get_num_threads()
-    torch.set_num_threads(int(cfg.get("threads", 1)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
 
 
 def compare_methods(cfg: dict, run_dir, steps: int = 150, methods=("full", "lora")) -> pd.DataFrame:

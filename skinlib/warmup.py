@@ -50,10 +50,15 @@ def _pooled(visual, encoded) -> torch.Tensor:
 
 
 def warm_up(model, tup: pd.DataFrame, images, out_dir, steps: int = 400, batch_size: int = 32,
-            lr: float = 1e-3, seed: int = 0, progress: bool = True) -> dict:
+            lr: float = 1e-3, seed: int = 0, progress: bool = True, accelerator=None) -> dict:
     """Warm up `model`'s vision tower in place (see the module doc); returns {steps, loss_start,
     loss_end}. The warmed weights are saved in `out_dir`; a second call loads them instead of
-    training again (an interrupted fine-tuning run does not redo the warm-up)."""
+    training again (an interrupted fine-tuning run does not redo the warm-up).
+
+    With an `accelerator` of several processes, every process must call this: each draws the same
+    batch of `batch_size` images, encodes its share (every N-th), and the gradients are summed
+    across processes, so each step is the one-process step on the whole batch (float-level
+    differences aside) at a fraction of the time. The main process saves the weights."""
     from safetensors.torch import load_file, save_file
     from tqdm.auto import tqdm
 
@@ -73,22 +78,39 @@ def warm_up(model, tup: pd.DataFrame, images, out_dir, steps: int = 400, batch_s
     visual.train()
     for p in visual.parameters():
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(list(visual.parameters()) + list(head.parameters()), lr=lr)
+    params = list(visual.parameters()) + list(head.parameters())
+    opt = torch.optim.AdamW(params, lr=lr)
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     losses = []
     bar = tqdm(range(steps), desc="vision warm-up", unit="step", disable=not progress)
     for _ in bar:
-        idx = torch.randperm(len(ids), generator=gen)[:batch_size]
-        pred = head(_pooled(visual, [images[ids[i]] for i in idx.tolist()]))
+        idx = torch.randperm(len(ids), generator=gen)[:batch_size]   # the same draw in every process
+        seen = m[idx].sum().clamp(min=1)
+        mine = idx[rank::world]
+        pred = head(_pooled(visual, [images[ids[i]] for i in mine.tolist()]))
         dev = pred.device
-        loss = (((pred - y[idx].to(dev)) ** 2) * m[idx].to(dev)).sum() / m[idx].sum().clamp(min=1).to(dev)
+        # this process's share of the whole batch's mean loss: the shares sum to that mean
+        loss = (((pred - y[mine].to(dev)) ** 2) * m[mine].to(dev)).sum() / seen.to(dev)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if world > 1:
+            _sum_gradients(params, accelerator)
         opt.step()
-        losses.append(loss.item())
+        losses.append(loss.item() * world)   # this process's estimate of the batch loss
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
     visual.train(was)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".partial")
-    save_file({k: v.detach().contiguous().cpu() for k, v in visual.state_dict().items()}, str(tmp))
-    tmp.replace(path)
+    if rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".partial")
+        save_file({k: v.detach().contiguous().cpu() for k, v in visual.state_dict().items()}, str(tmp))
+        tmp.replace(path)
     return {"steps": steps, "loss_start": float(np.mean(losses[:20])), "loss_end": float(np.mean(losses[-20:]))}
+
+
+def _sum_gradients(params, accelerator) -> None:
+    """Sum the gradients of `params` across processes, in one all-reduce (no DDP wrapper, so no
+    hooks are left on the vision tower when fine-tuning wraps the whole model afterwards)."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = accelerator.reduce(torch.cat([g.reshape(-1) for g in grads]), reduction="sum")
+    for p, part in zip(params, torch.split(flat, [g.numel() for g in grads])):
+        p.grad = part.view_as(p).clone()
