@@ -195,6 +195,18 @@ def thread_share(cfg: dict, processes: int) -> int:
     return max(1, int(cfg.get("threads", 1)) // int(processes))
 
 
+def launch_command(processes: int, target: list[str]) -> list[str]:
+    """`python -m accelerate.commands.launch --multi_gpu --num_processes N ... <target>` on a free
+    port (two runs side by side must not share torchrun's 29500); `target` is a script and its
+    arguments, or `-m module ...`."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(port), *target]
+
+
 def launch(cfg: dict, run_dir, processes: int, progress: bool = True) -> None:
     """Run this stage as `accelerate launch --multi_gpu --num_processes N -m skinlib.finetune`.
 
@@ -210,13 +222,8 @@ def launch(cfg: dict, run_dir, processes: int, progress: bool = True) -> None:
     stage.mkdir(parents=True, exist_ok=True)
     prof = stage / "launched-profile.yaml"
     prof.write_text(yaml.safe_dump({k: v for k, v in cfg.items() if k != "inherit"}, sort_keys=False))
-    with socket.socket() as s:   # a free port: two runs side by side must not share torchrun's 29500
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(port), "-m", "skinlib.finetune", "--profile", str(prof),
-           "--out", str(run_dir)] + ([] if progress else ["--quiet"])
+    cmd = launch_command(processes, ["-m", "skinlib.finetune", "--profile", str(prof), "--out", str(run_dir)]
+                         + ([] if progress else ["--quiet"]))
     env = {**os.environ, "OMP_NUM_THREADS": str(thread_share(cfg, processes)), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     seen: list[str] = []

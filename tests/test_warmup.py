@@ -72,11 +72,11 @@ def test_two_process_warm_up_takes_the_one_process_steps(setup, tmp_path):
     # two real gloo processes through accelerate's launcher, each encoding half of every batch:
     # with the gradients summed, both end with the same weights as one process on the whole batch
     import os
-    import socket
     import subprocess
-    import sys
 
     from safetensors.torch import load_file
+
+    from skinlib import finetune
 
     ds, path = setup
     phantom_dir = str(ds.image_path.parent)
@@ -84,12 +84,7 @@ def test_two_process_warm_up_takes_the_one_process_steps(setup, tmp_path):
     script.write_text(WORKER)
     two = tmp_path / "two"
     two.mkdir()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(port), str(script), phantom_dir, str(path), str(two)]
+    cmd = finetune.launch_command(2, [str(script), phantom_dir, str(path), str(two)])
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     r0, r1 = load_file(two / "rank0.safetensors"), load_file(two / "rank1.safetensors")
