@@ -50,15 +50,18 @@ print(f"profile {cfg['name']!r}: model {cfg['model']['name']!r}, method {cfg['tr
 #
 # Each answer is the attribute's value written in the registry's number format: a fixed number of
 # decimals and the integer part zero-padded to the digit count of the attribute's typical values
-# (area `05.8`, perimeter `19.9`, ΔL `-08.13`). A fixed width makes every digit mean the same decimal
+# (area `05.8`, perimeter `19.9`). A fixed width makes every digit mean the same decimal
 # place, so the model cannot be off by a factor of ten by dropping a digit; the width is that of
-# typical values, not of the largest, so the first digit still differs between lesions — the state of
-# the last question token, which chapter 4 uses as the embedding h_im,a, has to predict it.
+# typical values, not of the largest, so the first character still differs between lesions — the state
+# of the last question token, which chapter 4 uses as the embedding h_im,a, has to predict it.
+# For the same reason ΔL, negative for every lesion (darker than its skin), is asked the other way
+# round: how much higher L* is outside the lesion than inside, answer `08.13` for ΔL = −8.13. Asked
+# as ΔL, every answer began with `-`, and its image+text retrieval lost to image-only (chapter 5).
 
 # %%
 fmt = pd.DataFrame([{"attribute": a.name, "unit": a.unit, "question": a.question,
                      "decimals": a.decimals, "integer digits": a.int_digits,
-                     "example": a.format_answer(3.14159 * 10 ** (a.int_digits - 1))}
+                     "example": a.format_answer(a.answer_sign * 3.14159 * 10 ** (a.int_digits - 1))}
                     for a in attributes.ATTRIBUTES])
 display(fmt)
 

@@ -114,6 +114,7 @@ worst = metrics.worst_cases(pred, r2.sort_values("r2", na_position="first").attr
                             per_attribute=4)
 fig = figures.image_grid(
     [release.image(i) for i in worst.isic_id],
-    [f"{r.attribute}\ntrue {r.true:.2f}  reply {r.reply or '—'}" for r in worst.itertuples()],
+    [f"{r.attribute}\ntrue {r.true:.2f}  " + (f"model {r.pred:.2f}" if r.pred == r.pred else f"reply {r.reply or '—'}")
+     for r in worst.itertuples()],
     ncols=8, size=1.7)
 plt.show()

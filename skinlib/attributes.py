@@ -5,8 +5,12 @@ no other module spells out an attribute's column, unit, question or number forma
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+
+from .answers import parse_number
 
 
 @dataclass(frozen=True)
@@ -19,10 +23,16 @@ class Attribute:
     decimals: int  # answer y_a(I) is the value written with this many decimals
     int_digits: int  # ... and its integer part zero-padded to at least this many digits
     zero_is_missing: bool = False  # the release writes 0 where the measure is undefined
+    # -1: the question asks for the reverse difference, so the answer text is -value (read back by
+    # `read_answer`). For an attribute of one sign (deltaL: negative in all 5,000 real metadata
+    # rows of the fixtures) a leading "-" on every answer would leave the final prompt token, whose
+    # state is h_im,a, nothing to predict but that constant sign; its retrieval lost to image-only.
+    answer_sign: int = 1
 
     def format_answer(self, value: float) -> str:
         """The answer text y_a(I): digits as text, no unit; `decimals` after the point and the
-        integer part zero-padded to `int_digits` (a sign, when negative, comes first).
+        integer part zero-padded to `int_digits` (a sign, when negative, comes first). The number
+        written is `answer_sign` x value.
 
         Why the padding: a small model trained on free-width numbers misses the digit count now
         and then ("5.5" for 50.67), and one such miss wrecks R². A fixed width makes every digit
@@ -31,10 +41,16 @@ class Attribute:
         whose state is the embedding h_im,a, must predict something informative."""
         if value is None or not math.isfinite(value):
             raise ValueError(f"attribute {self.name!r}: cannot write non-finite value {value!r} as an answer")
+        value = self.answer_sign * value
         text = f"{abs(value):.{self.decimals}f}"
         whole, _, frac = text.partition(".")
         text = whole.zfill(self.int_digits) + ("." + frac if frac else "")
         return "-" + text if value < 0 and float(text) != 0 else text
+
+    def read_answer(self, reply: str | None) -> float:
+        """The attribute value a reply states (NaN when it holds no single number): the inverse
+        of `format_answer`, sign included."""
+        return self.answer_sign * parse_number(reply)
 
 
 ATTRIBUTES: tuple[Attribute, ...] = (
@@ -51,7 +67,7 @@ ATTRIBUTES: tuple[Attribute, ...] = (
     Attribute("deltaB", "tbp_lv_deltaB", "", "mean B* contrast, inside vs outside the lesion",
               "What is the B* contrast between the inside and the outside of the lesion?", 2, 1),
     Attribute("deltaL", "tbp_lv_deltaL", "", "mean L* contrast, inside vs outside the lesion",
-              "What is the L* contrast between the inside and the outside of the lesion?", 2, 2),
+              "How much higher is L* in the skin outside the lesion than inside it?", 2, 2, answer_sign=-1),
     Attribute("deltaLB", "tbp_lv_deltaLB", "",
               "L*B* contrast between the lesion and its immediate surrounding skin",
               "What is the L*B* contrast between the lesion and its immediate surrounding skin?", 2, 2),
@@ -98,6 +114,14 @@ def resolve(names) -> tuple[Attribute, ...]:
     if isinstance(names, str):
         names = [names]
     return tuple(get(n) for n in names)
+
+
+def fingerprint(names=None) -> str:
+    """A short hash of everything the model is taught and read with for these attributes
+    (question, number format, sign, columns): a stage that trained or asked with another registry
+    must not be reused (the fine-tuning recipe and the prediction job carry it)."""
+    rows = [asdict(a) for a in resolve(names)]
+    return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def named(frame, keep=("isic_id", "patient_id")):

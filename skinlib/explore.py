@@ -161,7 +161,8 @@ def panel(ex: Explorer, query, method: str, attribute: str, k: int = 5):
         head, image = f"query {query}\n{attribute} {ex.values.loc[query, attribute]:.2f} {unit}", ex.image(query)
     else:
         head, image = "uploaded image\n(no measured value)", query
-    caps = [f"{head}\nmodel says {reply}"]
+    said = attributes.get(attribute).read_answer(reply)  # the value, sign per the registry
+    caps = [f"{head}\nmodel says " + (f"{said:.2f} {unit}" if said == said else repr(reply))]
     caps += [f"#{r.rank}  {getattr(r, attribute):.2f} {unit}\npercentile {r.percentile:.0f}"
              for r in top.itertuples()]
     return figures.image_grid([image] + [ex.image(i) for i in top.isic_id], caps,

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import config, model as models, qa, split, tuples, warmup
+from . import attributes, config, model as models, qa, split, tuples, warmup
 from .train import HISTORY, Settings, train
 
 TRAIN_KEYS = set(Settings.__dataclass_fields__)
@@ -80,14 +80,16 @@ NOT_IN_RECIPE = {"compare_steps", "keep_images", "checkpoint_every", "keep_check
 
 
 def recipe(cfg: dict, run_dir) -> dict:
-    """What the fine-tuned weights depend on: the model and train sections, and the split's data
-    (the manifest's hash: which images, which split, which values)."""
+    """What the fine-tuned weights depend on: the model and train sections, the split's data
+    (the manifest's hash: which images, which split, which values) and the attribute registry
+    (questions and answer format, which the tuples and the tiny model's tokenizer are made of)."""
     import hashlib
 
     man = config.manifest_path(run_dir)   # missing: prepare() names it in its own error
     data = hashlib.sha256(man.read_bytes()).hexdigest()[:16] if man.exists() else None
     train = {k: v for k, v in cfg["train"].items() if k not in NOT_IN_RECIPE}
-    return json.loads(json.dumps({"model": cfg["model"], "train": train, "manifest": data}))
+    return json.loads(json.dumps({"model": cfg["model"], "train": train, "manifest": data,
+                                  "attributes": attributes.fingerprint()}))
 
 
 def start_recipe(cfg: dict, run_dir) -> bool:

@@ -1,8 +1,8 @@
 """Attribute prediction (paper §4.2): ask every test image all 16 questions, greedy, batched.
 
-Replies are parsed with `answers.parse_number`; a reply that is not one clean number becomes NaN
-in `pred`, is kept in the table with its text, and is counted per attribute by `metrics.r2_table`
-(never dropped silently, never a crash).
+Replies are read with `Attribute.read_answer` (`answers.parse_number`, sign per the registry); a
+reply that is not one clean number becomes NaN in `pred`, is kept in the table with its text, and
+is counted per attribute by `metrics.r2_table` (never dropped silently, never a crash).
 """
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ import pandas as pd
 import torch
 
 from . import attributes
-from .answers import parse_replies
 from .inputs import build_batch
 
 
@@ -69,7 +68,8 @@ def predict(model, tokenizer, image_processor, images: Mapping, truth: pd.DataFr
     finally:
         model.train(was_training)
     long["reply"] = replies
-    long["pred"] = parse_replies(replies)
+    read = {a.name: a.read_answer for a in atts}
+    long["pred"] = [read[a](r) for a, r in zip(long.attribute, replies)]
     return long[["isic_id", "attribute", "true", "reply", "pred"]]
 
 
@@ -86,7 +86,7 @@ def predict_sharded(model, tokenizer, image_processor, images: Mapping, truth: p
     """`predict` in shards of `shard_images` images, each written to `out_dir` as it finishes, so an
     interrupted run resumes where it stopped. `key` (e.g. the model's path) plus the image ids
     identify the job with a fingerprint of the weights (a model retrained at the same path is
-    another job): shards of a different job are cleared, never mixed in."""
+    another job) and of the registry's questions and answer format: shards of a different job are cleared, never mixed in."""
     import hashlib
     import json
     from pathlib import Path
@@ -98,7 +98,7 @@ def predict_sharded(model, tokenizer, image_processor, images: Mapping, truth: p
     from .embed import model_fingerprint
 
     job = hashlib.sha256(("\n".join(truth.isic_id) + f"|{key}|{model_fingerprint(model)}|{shard_images}"
-                          f"|{sorted(kw.items())}")
+                          f"|{sorted(kw.items())}|{attributes.fingerprint(kw.get('names'))}")
                          .encode()).hexdigest()[:16]
     stamp = out / "job.json"
     if not stamp.exists() or json.loads(stamp.read_text()).get("job") != job:

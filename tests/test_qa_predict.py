@@ -137,6 +137,32 @@ def test_sharded_prediction_resumes_and_equals_one_pass(release, tiny, tmp_path)
                                   check_dtype=False)
 
 
+def _changed_registry(monkeypatch):
+    """The registry with deltaL asked and written the other way round (a changed question and sign)."""
+    import dataclasses
+    changed = tuple(dataclasses.replace(a, question="What is dL?", answer_sign=-a.answer_sign)
+                    if a.name == "deltaL" else a for a in attributes.ATTRIBUTES)
+    monkeypatch.setattr(attributes, "ATTRIBUTES", changed)
+
+
+def test_a_changed_registry_is_another_prediction_job_and_another_recipe(release, tiny, tmp_path, monkeypatch):
+    from skinlib import config
+    loaded = mdl.load(tiny)
+    frame = release.attribute_frame().head(2)
+    args = (loaded.model, loaded.tokenizer, loaded.image_processor, qa.ImageCache(release, loaded.image_processor))
+    predict.predict_sharded(*args, frame, tmp_path / "p", key="m", progress=False, max_new_tokens=2)
+    job = (tmp_path / "p" / "job.json").read_text()
+    cfg = config.load_profile("smoke")
+    before = finetune.recipe(cfg, tmp_path)
+    _changed_registry(monkeypatch)
+    after = finetune.recipe(cfg, tmp_path)
+    changes = finetune._changes(before, after)
+    assert changes and all(c.startswith("attributes ") for c in changes)
+    again = predict.predict_sharded(*args, frame, tmp_path / "p", key="m", progress=False, max_new_tokens=2)
+    assert (tmp_path / "p" / "job.json").read_text() != job
+    assert len(again) == 2 * 16
+
+
 def _logits(loaded, release):
     from skinlib.inputs import build_batch
     b = build_batch(loaded.tokenizer, loaded.image_processor, [release.image(release.ids[0])],
