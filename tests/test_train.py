@@ -96,6 +96,16 @@ def test_lora_training_lowers_the_loss(tiny, tmp_path):
     assert after < 0.9 * before
 
 
+def test_a_setting_that_is_not_a_number_is_named():
+    # YAML 1.1 reads `lr: 2e-3` as the string "2e-3"; it used to fail deep in torch's scheduler
+    with pytest.raises(TypeError, match=r"'lr'.*'2e-3'.*2\.0e-3"):
+        train.Settings.from_dict({"lr": "2e-3"})
+    with pytest.raises(TypeError, match="'batch_size' must be a whole number"):
+        train.Settings.from_dict({"batch_size": 8.5})
+    s = train.Settings.from_dict({"lr": 2e-3, "batch_size": 8.0, "epochs": 3})
+    assert (s.lr, s.batch_size, type(s.batch_size), s.epochs) == (2e-3, 8, int, 3)
+
+
 def test_unknown_setting_is_named():
     with pytest.raises(KeyError, match="lerning_rate"):
         train.Settings.from_dict({"lerning_rate": 1})
