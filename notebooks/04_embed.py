@@ -32,7 +32,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from IPython.display import display
 
-from skinlib import config, embed, figures, model as models, qa, slice3d, split, study
+from skinlib import config, embed, figures, metrics, model as models, qa, slice3d, split, study
 
 cfg = config.load_profile(profile)
 ecfg = config.section(cfg, "embed", n_queries=n_queries, batch_size=batch_size)
@@ -121,3 +121,25 @@ xy = study.pca2(arr["image"])
 vals = db.set_index("isic_id").loc[ids_db]
 fig = figures.embedding_map(xy, vals, ["areaMM2", "deltaL", "Bext", "norm_border"])
 plt.show()
+
+# %% [markdown]
+# ## What the last layer holds, and what the model answers
+#
+# Chapter 3 scores the model's greedy answers. The vectors can be scored as well: a ridge regression
+# fitted on the database vectors (training images) and scored on the query images gives the share of
+# each attribute that a *linear* read-out of the last layer holds — of h_im,a (the attribute's own
+# question) and of h_im. Where the read-out beats the answers, the language model's digits lose what
+# its last layer holds; where all three are low, the image features never held the attribute.
+
+# %%
+ids_q, arr_q = study.load_vectors(run, "tuned_queries")
+read = metrics.readout_table({k: arr[k] for k in ("image_text", "image")}, vals,
+                             {k: arr_q[k] for k in ("image_text", "image")}, q.set_index("isic_id").loc[ids_q])
+answers = pd.read_csv(config.r2_path(run))[["attribute", "r2"]].assign(kind="answers")
+table = pd.concat([answers, read[["attribute", "kind", "r2"]]], ignore_index=True)
+fig = figures.readout_vs_answers(table, labels={"answers": "greedy answers (chapter 3)",
+                                                "image_text": "read-out of h_im,a", "image": "read-out of h_im"})
+plt.show()
+med = table.groupby("kind").r2.median()
+print(f"median R² over the 16 attributes: answers {med['answers']:.2f}, read-out of h_im,a "
+      f"{med['image_text']:.2f}, of h_im {med['image']:.2f}")

@@ -112,6 +112,30 @@ def r2_bars(r2: pd.DataFrame, paper_range: tuple[float, float] | None = (0.71, 0
     return fig
 
 
+def readout_vs_answers(table: pd.DataFrame, labels: dict | None = None, floor: float = -0.2):
+    """Grouped bars per attribute (registry order): R² of each `kind` in a long frame with columns
+    attribute, kind, r2 (e.g. the greedy answers and ridge read-outs of the model's vectors).
+    Values below `floor` are cut there and labelled."""
+    labels = labels or {}
+    kinds = list(dict.fromkeys(table.kind))
+    order = [n for n in attributes.NAMES if n in set(table.attribute)]
+    fig, ax = plt.subplots(figsize=(11, 3.8))
+    width = 0.8 / len(kinds)
+    for k, kind in enumerate(kinds):
+        v = table[table.kind == kind].set_index("attribute").r2.reindex(order)
+        x = np.arange(len(order)) + (k - (len(kinds) - 1) / 2) * width
+        ax.bar(x, v.clip(lower=floor).fillna(floor), width, color=f"C{k}", label=labels.get(kind, kind), zorder=2)
+        for xi, vi in zip(x, v):
+            if np.isfinite(vi) and vi < floor:
+                ax.text(xi, floor + 0.01, f"{vi:.1f}", ha="center", va="bottom", fontsize=6, rotation=90, zorder=3)
+    ax.axhline(0, color="0.3", lw=0.6)
+    ax.set(ylim=(floor, 1.05), xlim=(-0.6, len(order) - 0.4), ylabel="R² (test images)")
+    ax.set_xticks(range(len(order)), order, rotation=60, ha="right", fontsize=8)
+    ax.legend(frameon=False, fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncols=len(kinds))
+    fig.tight_layout()
+    return fig
+
+
 def predicted_vs_true(pred: pd.DataFrame, r2: pd.DataFrame | None = None, ncols: int = 4, q: float = 0.005):
     """One scatter per attribute of reply against measured value, axes set to the measured values'
     central range; replies outside it are drawn on the edge as triangles."""

@@ -71,3 +71,53 @@ def worst_cases(pred: pd.DataFrame, names, per_attribute: int = 4) -> pd.DataFra
         err = (g.pred - g.true).abs().fillna(float("inf"))
         rows.append(g.assign(abs_error=err).nlargest(per_attribute, "abs_error"))
     return pd.concat(rows, ignore_index=True) if rows else pred.head(0).assign(abs_error=[])
+
+
+def ridge_readout_r2(x_train, y_train, x_test, y_test, lam: float = 1e-2) -> tuple[float, int, int]:
+    """Test R² of a ridge regression from vectors to one attribute: how much of the attribute a
+    *linear* read-out of the vectors holds. Features are standardised on the training vectors; the
+    penalty is lam x (training rows) on the standardised weights, the intercept unpenalised. Rows
+    whose value is NaN (not measured) are left out of the fit and the score, and counted: returns
+    (r2, training rows used, test rows scored)."""
+    xtr, xte = np.asarray(x_train, np.float64), np.asarray(x_test, np.float64)
+    ytr, yte = np.asarray(y_train, np.float64), np.asarray(y_test, np.float64)
+    if xtr.ndim != 2 or xte.ndim != 2 or xtr.shape[1] != xte.shape[1]:
+        raise ValueError(f"ridge_readout_r2: vectors must be (n, d) with one d, got {xtr.shape} and {xte.shape}")
+    if len(ytr) != len(xtr) or len(yte) != len(xte):
+        raise ValueError(f"ridge_readout_r2: {len(xtr)} / {len(xte)} vectors but {len(ytr)} / {len(yte)} values")
+    ok, okt = np.isfinite(ytr), np.isfinite(yte)
+    mu, sd = xtr[ok].mean(0), xtr[ok].std(0)
+    sd = np.where(sd > 0, sd, 1.0)
+    a, b = (xtr[ok] - mu) / sd, (xte[okt] - mu) / sd
+    ym = ytr[ok].mean()
+    w = np.linalg.solve(a.T @ a + lam * len(a) * np.eye(a.shape[1]), a.T @ (ytr[ok] - ym))
+    return r2_score(yte[okt], b @ w + ym), int(ok.sum()), int(okt.sum())
+
+
+def readout_table(db_vectors: dict, db_values: pd.DataFrame, query_vectors: dict, query_values: pd.DataFrame,
+                  names=None, lam: float = 1e-2) -> pd.DataFrame:
+    """Per attribute and kind of vector, the test R² of a ridge read-out fitted on the database
+    (training images) and scored on the queries (test images). A kind's array is (n, d), one vector
+    per image (h_im), or (n, 16, d), one per attribute in registry order (h_im,a: attribute a reads
+    its own question's vector). Value frames hold the attribute short names, one row per vector.
+    Columns: attribute, kind, r2, n_train, n_test."""
+    atts = attributes.resolve(names)
+    if set(db_vectors) != set(query_vectors):
+        raise KeyError(f"readout_table: database kinds {sorted(db_vectors)} differ from query kinds {sorted(query_vectors)}")
+    rows = []
+    for kind, xd in db_vectors.items():
+        xq = query_vectors[kind]
+        if len(xd) != len(db_values) or len(xq) != len(query_values):
+            raise ValueError(f"readout_table: {kind!r} has {len(xd)} / {len(xq)} vectors for "
+                             f"{len(db_values)} / {len(query_values)} rows of values")
+        for att in atts:
+            if att.name not in db_values or att.name not in query_values:
+                raise KeyError(f"readout_table: value frames lack attribute {att.name!r}")
+            if xd.ndim == 3:
+                j = attributes.NAMES.index(att.name)
+                a, b = xd[:, j], xq[:, j]
+            else:
+                a, b = xd, xq
+            r2, ntr, nte = ridge_readout_r2(a, db_values[att.name], b, query_values[att.name], lam=lam)
+            rows.append({"attribute": att.name, "kind": kind, "r2": r2, "n_train": ntr, "n_test": nte})
+    return pd.DataFrame(rows, columns=["attribute", "kind", "r2", "n_train", "n_test"])

@@ -34,3 +34,52 @@ def test_r2_table_counts_unparsed_and_keeps_registry_order():
 def test_r2_table_refuses_unknown_attributes():
     with pytest.raises(KeyError, match="nope"):
         metrics.r2_table(pd.DataFrame({"attribute": ["nope"], "true": [1.0], "pred": [1.0]}))
+
+
+def _ridge_by_lstsq(xtr, ytr, xte, lam):
+    # the same ridge written as an augmented least-squares problem, intercept as a column
+    mu, sd = xtr.mean(0), xtr.std(0)
+    a, b = (xtr - mu) / sd, (xte - mu) / sd
+    n, d = a.shape
+    aug = np.vstack([np.c_[a, np.ones(n)], np.c_[np.sqrt(lam * n) * np.eye(d), np.zeros(d)]])
+    w = np.linalg.lstsq(aug, np.r_[ytr, np.zeros(d)], rcond=None)[0]
+    return np.c_[b, np.ones(len(b))] @ w
+
+
+def test_ridge_readout_matches_least_squares_and_counts_unmeasured_rows():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 6)) * rng.uniform(0.5, 5, 6)
+    y = x @ rng.normal(size=6) + rng.normal(0, 0.5, 400)
+    y[[3, 50, 301, 350]] = np.nan      # not measured: out of the fit (two) and the score (two)
+    tr, te = slice(0, 300), slice(300, 400)
+    r2, ntr, nte = metrics.ridge_readout_r2(x[tr], y[tr], x[te], y[te], lam=0.05)
+    ok, okt = np.isfinite(y[tr]), np.isfinite(y[te])
+    p = _ridge_by_lstsq(x[tr][ok], y[tr][ok], x[te][okt], 0.05)
+    assert (ntr, nte) == (298, 98)
+    assert r2 == pytest.approx(metrics.r2_score(y[te][okt], p), abs=1e-10)
+    assert r2 > 0.9   # a linear attribute is read out linearly
+    with pytest.raises(ValueError, match="vectors must be"):
+        metrics.ridge_readout_r2(x[tr], y[tr], x[te, :5], y[te])
+
+
+def test_readout_table_reads_each_attribute_from_its_own_question_vector():
+    names = ["areaMM2", "B", "norm_border"]
+    rng = np.random.default_rng(1)
+
+    def make(n):
+        vals = pd.DataFrame(rng.normal(size=(n, 16)), columns=metrics.attributes.NAMES)
+        per_q = rng.normal(size=(n, 16, 4))
+        per_q[:, :, 0] += 3 * vals.to_numpy()      # vector j holds attribute j, the others noise
+        return vals, {"image_text": per_q, "image": rng.normal(size=(n, 4))}
+
+    dv, dx = make(300)
+    qv, qx = make(100)
+    t = metrics.readout_table(dx, dv, qx, qv, names=names)
+    assert list(t.columns) == ["attribute", "kind", "r2", "n_train", "n_test"]
+    own = t[t.kind == "image_text"].set_index("attribute").r2
+    assert list(own.index) == names and (own > 0.8).all()          # the attribute's own vector
+    assert (t[t.kind == "image"].r2 < 0.1).all()                    # noise reads out nothing
+    with pytest.raises(KeyError, match="kinds"):
+        metrics.readout_table(dx, dv, {"image": qx["image"]}, qv, names=names)
+    with pytest.raises(ValueError, match="'image' has 300 / 99 vectors"):
+        metrics.readout_table({"image": dx["image"]}, dv, {"image": qx["image"][:99]}, qv, names=names)
