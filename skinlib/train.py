@@ -47,17 +47,16 @@ class Settings:
         unknown = set(d) - known
         if unknown:
             raise KeyError(f"unknown training setting(s) {sorted(unknown)}; known: {sorted(known)}")
-        for f in fields(cls):
-            v = d.get(f.name)
-            if f.name not in d or (isinstance(v, (int, float)) and not isinstance(v, bool)
-                                   and (f.type != "int" or float(v).is_integer())):
-                continue
-            # YAML 1.1 reads 2e-3 (no point before the e) as the string "2e-3", not a number
-            hint = "; write it with a point, e.g. 2.0e-3" if isinstance(v, str) else ""
-            raise TypeError(f"training setting {f.name!r} must be {'a whole number' if f.type == 'int' else 'a number'}, "
-                            f"got {v!r} ({type(v).__name__}){hint}")
-        return cls(**{k: int(v) if next(f for f in fields(cls) if f.name == k).type == "int" else v
-                      for k, v in d.items()})
+        whole = {f.name for f in fields(cls) if f.type == "int"}   # annotations are strings here
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or (k in whole and not float(v).is_integer()):
+                # YAML 1.1 reads 2e-3 (no point before the e) as the string "2e-3", not a number
+                hint = "; write it with a point, e.g. 2.0e-3" if isinstance(v, str) else ""
+                raise TypeError(f"training setting {k!r} must be {'a whole number' if k in whole else 'a number'}, "
+                                f"got {v!r} ({type(v).__name__}){hint}")
+            out[k] = int(v) if k in whole else v
+        return cls(**out)
 
 
 def cosine_schedule(optimizer, warmup: int, total: int):
