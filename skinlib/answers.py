@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import re
 
-import numpy as np
 import pandas as pd
 
 # A run of digits and dots with an optional sign; exactly one such run, with at most one dot, is a
@@ -32,11 +31,6 @@ def parse_number(reply: str | None) -> float:
     if len(found) != 1 or found[0].count(".") > 1:
         return math.nan
     return float(found[0].replace("−", "-"))
-
-
-def parse_replies(replies) -> np.ndarray:
-    """parse_number over a sequence of replies, as a float array (NaN = unparsed)."""
-    return np.array([parse_number(r) for r in replies], dtype=float)
 
 
 def unparsed_report(frame: pd.DataFrame, reply: str = "reply", value: str = "pred",

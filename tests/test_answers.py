@@ -22,7 +22,7 @@ def test_replies_without_one_clean_number_are_nan(reply):
 def test_unparsed_are_counted_per_attribute_with_examples():
     f = pd.DataFrame({"attribute": ["a", "a", "b", "b", "b"],
                       "reply": ["1", "x", "2", "", "1.2.3"]})
-    f["pred"] = answers.parse_replies(f.reply)
+    f["pred"] = [answers.parse_number(r) for r in f.reply]
     rep = answers.unparsed_report(f).set_index("attribute")
     assert rep.loc["a", "unparsed"] == 1 and rep.loc["b", "unparsed"] == 2
     assert rep.loc["b", "n"] == 3 and "'1.2.3'" in rep.loc["b", "examples"]
