@@ -1,5 +1,6 @@
-"""Training throughput: one tuple per sequence (the paper) vs all W questions of an image packed
-into one multi-turn sequence, tuples per second on the embedded default's tiny Qwen2-VL.
+"""Training throughput: one tuple per sequence (the paper) vs all W tuples of an image packed into
+one sequence (the image prefix once, each tuple seeing the prefix and itself: `skinlib.inputs`),
+tuples per second on the embedded default's tiny Qwen2-VL.
 
     .venv/bin/python bench/training.py [--steps 40]
 
@@ -57,7 +58,7 @@ def main(argv=None) -> int:
         single = seconds_per_tuple(loaded, qa.TupleDataset(tup, cache), 8, a.steps, count)
         loaded = models.load(path)
         packed = seconds_per_tuple(loaded, qa.TupleDataset(tup, cache, packed=True), 8, a.steps, count)
-    rows = [row("training throughput: one tuple per sequence vs W=5 packed per image",
+    rows = [row("training throughput: one tuple per sequence vs W=5 packed per image (prefix-shared)",
                 f"tiny Qwen2-VL, 16 image tokens, full fine-tuning, {a.steps} steps each, CPU {a.threads} "
                 f"threads ({1 / single:.0f} vs {1 / packed:.0f} tuples/s; seconds per 1,000 tuples)",
                 1000 * single, 1000 * packed)]

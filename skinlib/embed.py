@@ -47,10 +47,9 @@ import numpy as np
 import torch
 
 from . import attributes
-from .inputs import IMAGE_TOKEN, SYSTEM_PROMPT, EncodedImage, build_batch, encode_images
+from .inputs import IMAGE_TOKEN, SYSTEM_PROMPT, VISION_END, EncodedImage, build_batch, encode_images
 
 KINDS = ("image", "image_text")
-VISION_END = "<|vision_end|>"
 IMAGE_ONLY_QUESTION = ""  # the image-only prompt: the user turn holds the image and no text
 STAMP = "job.json"
 FORMAT = 1  # bump when the meaning of a stored array changes

@@ -22,6 +22,7 @@ from pathlib import Path
 import pandas as pd
 
 from . import attributes, config, model as models, qa, split, tuples, warmup
+from .inputs import PACKING, check_packed_attention
 from .train import HISTORY, Settings, train
 
 TRAIN_KEYS = set(Settings.__dataclass_fields__)
@@ -82,14 +83,15 @@ NOT_IN_RECIPE = {"compare_steps", "keep_images", "checkpoint_every", "keep_check
 def recipe(cfg: dict, run_dir) -> dict:
     """What the fine-tuned weights depend on: the model and train sections, the split's data
     (the manifest's hash: which images, which split, which values) and the attribute registry
-    (questions and answer format, which the tuples and the tiny model's tokenizer are made of)."""
+    (questions and answer format, which the tuples and the tiny model's tokenizer are made of), and
+    how packed rows are laid out (`inputs.PACKING`)."""
     import hashlib
 
     man = config.manifest_path(run_dir)   # missing: prepare() names it in its own error
     data = hashlib.sha256(man.read_bytes()).hexdigest()[:16] if man.exists() else None
     train = {k: v for k, v in cfg["train"].items() if k not in NOT_IN_RECIPE}
     return json.loads(json.dumps({"model": cfg["model"], "train": train, "manifest": data,
-                                  "attributes": attributes.fingerprint()}))
+                                  "attributes": attributes.fingerprint(), "packing": PACKING}))
 
 
 def start_recipe(cfg: dict, run_dir) -> bool:
@@ -155,6 +157,8 @@ def run(cfg: dict, run_dir, device=None, progress: bool = True, stop_after: int 
         cache.fill(tup.isic_id.unique(), progress=progress and acc.is_main_process)
     data = qa.TupleDataset(tup, cache, packed=cfg["train"]["packed"])
     net = loaded.model
+    if cfg["train"]["packed"]:
+        check_packed_attention(net)
     wu = cfg["train"].get("vision_warmup") or {}
     if wu.get("steps"):
         if cfg["train"]["method"] != "full":

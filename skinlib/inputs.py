@@ -8,8 +8,17 @@ padded on the LEFT, so the last position is the last real token of every row (ge
 last-token embedding h_im,a). `labels` are -100 everywhere except the answer tokens and the
 <|im_end|> that closes each answer: the loss is on the answers only.
 
-Several (question, answer) turns can share one image in one sequence (multi-turn packing): pass
-`questions[i]` and `answers[i]` as lists; every answer is labelled.
+Several (question, answer) tuples can share one image in one sequence (packing): pass
+`questions[i]` and `answers[i]` as lists. A packed row is NOT a multi-turn chat: it is the shared
+prefix [system, user-turn start, <|vision_start|>, image tokens, <|vision_end|>] followed by each
+tuple's own single-tuple continuation (question, generation prompt, answer, <|im_end|>), and every
+continuation sees the prefix and itself only, at the positions it has in its own single-tuple row.
+So each tuple is trained exactly as the paper's one-tuple sequence (the one the model is asked at
+prediction time), and the image is encoded once. (A multi-turn chat would let the 2nd..W-th answers
+read the earlier answers of correlated attributes, a crutch that no prediction prompt offers.)
+Packed batches therefore carry their own `position_ids` (Qwen2-VL's 3-D M-RoPE, `mrope_positions`)
+and a 4-D boolean `attention_mask` (rows, 1, L, L), which SDPA reads as it should
+(`check_packed_attention` says so where the model would not).
 """
 from __future__ import annotations
 
@@ -22,7 +31,11 @@ SYSTEM_PROMPT = ("You are a dermatology assistant. You look at a skin lesion ima
                  "question with a number only.")
 IGNORE_INDEX = -100
 IMAGE_TOKEN = "<|image_pad|>"
+VISION_END = "<|vision_end|>"
 END_TOKEN = "<|im_end|>"
+# How packed rows are laid out; part of the fine-tuning recipe, so that a model trained on another
+# layout (before: one multi-turn chat per image) is not reused.
+PACKING = "prefix-shared"
 
 
 class EncodedImage(NamedTuple):
@@ -111,18 +124,67 @@ def _segments(tokenizer, msgs: list[dict], n_answers: int, add_generation_prompt
     return [(p, lab) for p, lab in pieces if p]
 
 
+def _row(tokenizer, msgs: list[dict], n_answers: int, add_generation_prompt: bool, n_img: int,
+         image_id: int) -> tuple[list[int], list[int]]:
+    """Token ids and labels of one chat (the image placeholder expanded to `n_img` pads)."""
+    pieces = _segments(tokenizer, msgs, n_answers, add_generation_prompt)
+    ids, labels = [], []
+    for text, is_answer in pieces:
+        # Expand the image placeholder as Qwen2VLProcessor does (one pad per merged patch).
+        text = text.replace(IMAGE_TOKEN, IMAGE_TOKEN * n_img)
+        piece_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids += piece_ids
+        labels += piece_ids if is_answer else [IGNORE_INDEX] * len(piece_ids)
+    # Cutting the text into pieces must not change its tokens (pieces end at special tokens or
+    # right after '\n', where Qwen2's pre-tokeniser splits anyway); checked, not assumed.
+    whole = tokenizer("".join(t for t, _ in pieces).replace(IMAGE_TOKEN, IMAGE_TOKEN * n_img),
+                      add_special_tokens=False)["input_ids"]
+    if whole != ids:
+        raise ValueError("tokenising the chat piecewise differs from tokenising it whole; an answer or "
+                         "question merges with the chat markup around it")
+    if ids.count(image_id) != n_img:
+        raise ValueError(f"row has {ids.count(image_id)} {IMAGE_TOKEN} tokens, image needs {n_img}; "
+                         "a question or answer must not contain image tokens")
+    return ids, labels
+
+
+def mrope_positions(ids: Sequence[int], image_id: int, grid_thw, merge: int) -> torch.Tensor:
+    """Qwen2-VL's 3-D M-RoPE positions (3, len(ids)) of one row holding one image: text counts up
+    by one in all three; the image's tokens sit at start + (t, row, column) of the merged grid; the
+    text after it resumes at start + max(rows, columns). The model's `get_rope_index` rule for a
+    still image (t = 1), written out so that packed rows can be given positions before any model
+    is at hand; tests hold the two equal."""
+    t, h, w = (int(x) for x in grid_thw)
+    h, w = h // merge, w // merge
+    if t != 1:
+        raise ValueError(f"mrope_positions: a still image has a temporal grid of 1, got grid {tuple(grid_thw.tolist())}")
+    at = [i for i, x in enumerate(ids) if x == image_id]
+    if not at or at != list(range(at[0], at[0] + h * w)):
+        raise ValueError(f"mrope_positions: row must hold one image of {h * w} consecutive {IMAGE_TOKEN} tokens")
+    a, n = at[0], len(ids)
+    pos = torch.empty((3, n), dtype=torch.long)
+    pos[:, :a] = torch.arange(a)
+    pos[0, a:a + h * w] = a
+    pos[1, a:a + h * w] = a + torch.arange(h).repeat_interleave(w)
+    pos[2, a:a + h * w] = a + torch.arange(w).repeat(h)
+    pos[:, a + h * w:] = a + max(h, w) + torch.arange(n - a - h * w)
+    return pos
+
+
 def build_batch(tokenizer, image_processor, images: Sequence, questions: Sequence, answers: Sequence | None = None,
                 add_generation_prompt: bool = True, system: str | None = SYSTEM_PROMPT,
                 merge_size: int | None = None) -> dict[str, torch.Tensor]:
     """Model inputs for one image per row.
 
     images: PIL images, HxWx3 arrays, or `EncodedImage`s from `encode_images`.
-    questions: per image a question, or a list of questions (multi-turn; needs `answers`).
+    questions: per image a question, or a list of questions (packing; needs `answers`).
     answers: None for prompts (ends with '<|im_start|>assistant\\n' if add_generation_prompt), else
         per image an answer text or a list of them; labels then cover every answer + its <|im_end|>,
-        and the row ends with the last <|im_end|> (the template's trailing newline is dropped).
+        and a tuple ends with its <|im_end|> (the template's trailing newline is dropped).
     Returns input_ids, attention_mask, mm_token_type_ids, pixel_values, image_grid_thw, and labels
-    when answers are given; all left-padded with the tokenizer's pad token.
+    when answers are given; all left-padded with the tokenizer's pad token. When any row packs
+    several tuples (see the module doc), also position_ids (3, rows, L), and attention_mask is the
+    4-D boolean (rows, 1, L, L) mask of which token sees which.
     """
     encoded = encode_images(image_processor, images)
     qs, ans = _turns(questions, answers, len(encoded))
@@ -134,31 +196,39 @@ def build_batch(tokenizer, image_processor, images: Sequence, questions: Sequenc
         raise ValueError(f"tokenizer has no {IMAGE_TOKEN} token; is it a Qwen2-VL tokenizer?")
     if tokenizer.pad_token_id is None:
         raise ValueError("tokenizer has no pad token (Qwen2-VL uses <|endoftext|>)")
+    packed = ans is not None and any(len(a) > 1 for a in ans)
+    end_id = tokenizer.convert_tokens_to_ids(VISION_END)
 
-    rows_ids, rows_labels = [], []
+    rows_ids, rows_labels, rows_seg, rows_pos = [], [], [], []
     for enc, q, a in zip(encoded, qs, ans if ans is not None else [None] * len(qs)):
-        msgs = messages(q, a, system)
-        pieces = _segments(tokenizer, msgs, 0 if a is None else len(a), add_generation_prompt)
         n_img = enc.n_tokens(merge)
-        ids, labels = [], []
-        for text, is_answer in pieces:
-            # Expand the image placeholder as Qwen2VLProcessor does (one pad per merged patch).
-            text = text.replace(IMAGE_TOKEN, IMAGE_TOKEN * n_img)
-            piece_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            ids += piece_ids
-            labels += piece_ids if is_answer else [IGNORE_INDEX] * len(piece_ids)
-        # Cutting the text into pieces must not change its tokens (pieces end at special tokens or
-        # right after '\n', where Qwen2's pre-tokeniser splits anyway); checked, not assumed.
-        whole = tokenizer("".join(t for t, _ in pieces).replace(IMAGE_TOKEN, IMAGE_TOKEN * n_img),
-                          add_special_tokens=False)["input_ids"]
-        if whole != ids:
-            raise ValueError("tokenising the chat piecewise differs from tokenising it whole; an answer or "
-                             "question merges with the chat markup around it")
-        if ids.count(image_id) != n_img:
-            raise ValueError(f"row has {ids.count(image_id)} {IMAGE_TOKEN} tokens, image needs {n_img}; "
-                             "a question or answer must not contain image tokens")
+        if not packed:
+            ids, labels = _row(tokenizer, messages(q, a, system), 0 if a is None else len(a),
+                               add_generation_prompt, n_img, image_id)
+            rows_ids.append(ids)
+            rows_labels.append(labels)
+            continue
+        # Packed: each tuple's own single-tuple row, cut after <|vision_end|>; the rows must share
+        # that prefix (they do: the question comes after the image), checked, not assumed.
+        ids, labels, seg, pos = [], [], [], []
+        for k, (qk, ak) in enumerate(zip(q, a)):
+            one, lab = _row(tokenizer, messages([qk], [ak], system), 1, add_generation_prompt, n_img, image_id)
+            cut = one.index(end_id, one.index(image_id)) + 1
+            p = mrope_positions(one, image_id, enc.grid_thw, merge)
+            if k == 0:
+                prefix = one[:cut]
+                ids, labels, seg, pos = list(prefix), lab[:cut], [0] * cut, [p[:, :cut]]
+            elif one[:cut] != prefix:
+                raise ValueError(f"question {qk!r}: its row does not start with the shared [system, image, "
+                                 f"{VISION_END}] prefix; cannot pack it")
+            ids += one[cut:]
+            labels += lab[cut:]
+            seg += [k + 1] * (len(one) - cut)
+            pos.append(p[:, cut:])
         rows_ids.append(ids)
         rows_labels.append(labels)
+        rows_seg.append(seg)
+        rows_pos.append(torch.cat(pos, dim=1))
 
     width = max(map(len, rows_ids))
     pad = tokenizer.pad_token_id
@@ -177,6 +247,27 @@ def build_batch(tokenizer, image_processor, images: Sequence, questions: Sequenc
         "pixel_values": torch.cat([e.pixel_values for e in encoded]),
         "image_grid_thw": torch.stack([e.grid_thw for e in encoded]),
     }
+    if packed:
+        seg = torch.full((len(rows_ids), width), -1, dtype=torch.long)   # -1: padding
+        positions = torch.zeros((3, len(rows_ids), width), dtype=torch.long)
+        for r, (s, p) in enumerate(zip(rows_seg, rows_pos)):
+            seg[r, width - len(s):] = torch.tensor(s)
+            positions[:, r, width - len(s):] = p
+        key, query = seg[:, None, :], seg[:, :, None]
+        sees = (key >= 0) & ((key == 0) | (key == query))      # the prefix, or its own tuple
+        sees &= torch.ones((width, width), dtype=torch.bool).tril()     # causal
+        sees |= torch.eye(width, dtype=torch.bool)   # a pad sees itself: no row of the softmax is empty
+        batch["attention_mask"] = sees[:, None]
+        batch["position_ids"] = positions
     if ans is not None:
         batch["labels"] = labels
     return batch
+
+
+def check_packed_attention(model) -> None:
+    """Packed rows carry a 4-D boolean mask, which SDPA reads as 'may attend'; eager attention would
+    add it as numbers and FlashAttention-2 takes no 4-D mask. A clear error instead of a silent one."""
+    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    if impl not in (None, "sdpa"):
+        raise ValueError(f"packed training needs attn_implementation 'sdpa' (the model uses {impl!r}); "
+                         "set train.packed: false or model.attn_implementation: sdpa")

@@ -1,8 +1,9 @@
 """Question-answer tuples as training items: the images behind them, the dataset, the collate.
 
 One item is one tuple (image, Q(a), y_a) as in the paper, or, with `packed=True`, one image with
-all of its W tuples as one multi-turn conversation (the image is encoded once per image instead of
-once per tuple; measured in bench/). Both go through `inputs.build_batch`.
+all of its W tuples in one sequence, each tuple seeing only the shared image prefix and itself (the
+image is encoded once per image instead of once per tuple; measured in bench/). Both go through
+`inputs.build_batch`.
 """
 from __future__ import annotations
 

@@ -93,27 +93,90 @@ def test_labels_cover_answer_and_im_end_only(tiny):
     assert tok.decode(row[n:]) == ans[0] + "<|im_end|>"
 
 
-def test_multi_turn_labels_every_answer(tiny):
+def _packed_example(tiny):
+    """Two images of different grids (8x8 and 10x8 patches: rows of different lengths, left
+    padding, a non-square M-RoPE grid), three and two tuples."""
+    atts = [ATTRIBUTES[:3], ATTRIBUTES[5:7]]
+    qs = [[a.question for a in at] for at in atts]
+    ans = [[a.format_answer(v) for a, v in zip(at, (50.6, -2.345, 7))] for at in atts]
+    return [image(130), image((100, 150), seed=1)], qs, ans
+
+
+def test_packed_rows_label_every_answer_and_hold_the_image_once(tiny):
     tok = tiny.tokenizer
-    qs = [a.question for a in ATTRIBUTES[:3]]
-    ans = [a.format_answer(v) for a, v in zip(ATTRIBUTES[:3], (50.6, 2.345, 7))]
-    b = I.build_batch(tok, tiny.image_processor, [image(130)], [qs], [ans])
-    ids, lab = b["input_ids"][0], b["labels"][0]
+    imgs, qs, ans = _packed_example(tiny)
+    b = I.build_batch(tok, tiny.image_processor, imgs, qs, ans)
     image_id = tok.convert_tokens_to_ids("<|image_pad|>")
-    assert int((ids == image_id).sum()) == 16  # one image, once
-    # Labelled runs, in order, are the three answers each with its <|im_end|>.
-    on = lab != I.IGNORE_INDEX
-    starts = [i for i in range(len(on)) if on[i] and (i == 0 or not on[i - 1])]
-    runs = []
-    for i in starts:
-        j = i
-        while j < len(on) and on[j]:
-            j += 1
-        runs.append(ids[i:j].tolist())
-    assert [tok.decode(r) for r in runs] == [a + "<|im_end|>" for a in ans]
-    text = tok.decode(ids)
-    assert text.count("<|im_start|>user") == 3 and text.count("<|vision_start|>") == 1
-    assert tiny.model(**b).loss.isfinite()
+    for r, n_img in enumerate((16, 20)):
+        ids, lab = b["input_ids"][r], b["labels"][r]
+        assert int((ids == image_id).sum()) == n_img  # one image per row, once
+        # Labelled runs, in order, are the answers each with its <|im_end|>.
+        on = (lab != I.IGNORE_INDEX).tolist()
+        runs, i = [], 0
+        while i < len(on):
+            j = i
+            while j < len(on) and on[j]:
+                j += 1
+            if j > i:
+                runs.append(ids[i:j].tolist())
+            i = j + 1
+        assert [tok.decode(x) for x in runs] == [a + "<|im_end|>" for a in ans[r]]
+        text = tok.decode(ids[b["mm_token_type_ids"][r] == 0])
+        # no second user turn: each tuple continues the shared prefix with its own question
+        assert text.count("<|im_start|>user") == 1 and text.count("<|im_start|>assistant") == len(ans[r])
+    assert b["attention_mask"].shape == (2, 1, b["input_ids"].shape[1], b["input_ids"].shape[1])
+    assert b["position_ids"].shape == (3,) + tuple(b["input_ids"].shape)
+
+
+@torch.no_grad()
+def test_packed_tuples_see_only_the_prefix_and_themselves(tiny):
+    """Each packed tuple is its own single-tuple row: the same logits at every answer token and the
+    same loss as the tuples built one per row (a tuple that could read an earlier tuple's answer, or
+    sat at shifted positions, would differ)."""
+    tok = tiny.tokenizer
+    imgs, qs, ans = _packed_example(tiny)
+    packed = I.build_batch(tok, tiny.image_processor, imgs, qs, ans)
+    flat = [(im, q, a) for im, qq, aa in zip(imgs, qs, ans) for q, a in zip(qq, aa)]
+    single = I.build_batch(tok, tiny.image_processor, *map(list, zip(*flat)))
+    tiny.model.eval()
+    out_p, out_s = tiny.model(**packed), tiny.model(**single)
+
+    def at_answers(logits, labels):
+        return torch.cat([logits[r, :-1][labels[r, 1:] != I.IGNORE_INDEX] for r in range(len(logits))])
+
+    lp, ls = at_answers(out_p.logits, packed["labels"]), at_answers(out_s.logits, single["labels"])
+    assert lp.shape == ls.shape and lp.shape[0] == sum(len(tok(a)["input_ids"]) + 1 for aa in ans for a in aa)
+    torch.testing.assert_close(lp, ls, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out_p.loss, out_s.loss, atol=1e-6, rtol=1e-6)
+
+
+def test_mrope_positions_follow_the_model_rule(tiny):
+    """The positions packed rows carry are the model's own get_rope_index, for square and
+    non-square grids, prompts and training rows, left padding included."""
+    tok = tiny.tokenizer
+    imgs = [image(130), image((100, 150), seed=1), image((160, 95), seed=2)]
+    for answers in (None, [ATTRIBUTES[0].format_answer(12.3)] * 3):
+        b = I.build_batch(tok, tiny.image_processor, imgs, [Q0, Q1, Q0], answers)
+        want, _ = tiny.model.model.get_rope_index(b["input_ids"], b["mm_token_type_ids"],
+                                                  image_grid_thw=b["image_grid_thw"], attention_mask=b["attention_mask"])
+        assert len({tuple(g.tolist()) for g in b["image_grid_thw"]}) == 3
+        for r in range(3):
+            real = b["attention_mask"][r].bool()
+            got = I.mrope_positions(b["input_ids"][r][real].tolist(), tok.convert_tokens_to_ids("<|image_pad|>"),
+                                    b["image_grid_thw"][r], 2)
+            assert torch.equal(got, want[:, r, real])
+
+
+def test_packed_training_refuses_attention_that_misreads_the_mask(tiny):
+    class Cfg:
+        _attn_implementation = "eager"
+
+    class Net:
+        config = Cfg()
+
+    with pytest.raises(ValueError, match="packed training needs attn_implementation 'sdpa'"):
+        I.check_packed_attention(Net())
+    I.check_packed_attention(tiny.model)   # the tiny model runs SDPA
 
 
 def test_shape_errors(tiny):
