@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from . import attributes
-from .inputs import IMAGE_TOKEN, SYSTEM_PROMPT, VISION_END, EncodedImage, build_batch, encode_images
+from .inputs import IMAGE_TOKEN, SYSTEM_PROMPT, VISION_END, EncodedImage, build_batch, encode_images, prefix_length
 
 KINDS = ("image", "image_text")
 IMAGE_ONLY_QUESTION = ""  # the image-only prompt: the user turn holds the image and no text
@@ -142,7 +142,7 @@ class Prompts:
             qs = self.questions + [IMAGE_ONLY_QUESTION]
             batch = build_batch(self.tokenizer, self.image_processor, [stand_in] * len(qs), qs, system=self.system)
             rows = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"])]
-            cut = rows[-1].index(self.end_id, rows[-1].index(self.image_id)) + 1
+            cut = prefix_length(rows[-1], self.image_id, self.end_id)
             prefix = rows[-1][:cut]
             for q, row in zip(qs, rows):
                 if row[:cut] != prefix:

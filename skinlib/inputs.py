@@ -74,7 +74,7 @@ def _turns(questions, answers, n: int) -> tuple[list[list[str]], list[list[str]]
         for i, q in enumerate(qs):
             if len(q) != 1:
                 raise ValueError(f"image {i}: {len(q)} questions but no answers; a prompt without answers "
-                                 "takes one question (multi-turn packing needs the answers)")
+                                 "takes one question (packing needs the answers)")
         return qs, None
     if len(answers) != n:
         raise ValueError(f"{len(answers)} answers for {n} images; give one answer (or one list) per image")
@@ -148,6 +148,12 @@ def _row(tokenizer, msgs: list[dict], n_answers: int, add_generation_prompt: boo
     return ids, labels
 
 
+def prefix_length(ids: Sequence[int], image_id: int, end_id: int) -> int:
+    """Tokens of a row's image prefix [system, user-turn start, <|vision_start|>, image tokens,
+    <|vision_end|>]: what every question about that image shares."""
+    return list(ids).index(end_id, list(ids).index(image_id)) + 1
+
+
 def mrope_positions(ids: Sequence[int], image_id: int, grid_thw, merge: int) -> torch.Tensor:
     """Qwen2-VL's 3-D M-RoPE positions (3, len(ids)) of one row holding one image: text counts up
     by one in all three; the image's tokens sit at start + (t, row, column) of the merged grid; the
@@ -213,7 +219,7 @@ def build_batch(tokenizer, image_processor, images: Sequence, questions: Sequenc
         ids, labels, seg, pos = [], [], [], []
         for k, (qk, ak) in enumerate(zip(q, a)):
             one, lab = _row(tokenizer, messages([qk], [ak], system), 1, add_generation_prompt, n_img, image_id)
-            cut = one.index(end_id, one.index(image_id)) + 1
+            cut = prefix_length(one, image_id, end_id)
             p = mrope_positions(one, image_id, enc.grid_thw, merge)
             if k == 0:
                 prefix = one[:cut]
