@@ -92,19 +92,25 @@ display(fmt)
 #   values for `vision_warmup.steps` steps and is then thrown away. 3,600 steps here (about three
 #   minutes, data parallel like the training): with 1,200, the median test R² was 0.57 instead of
 #   0.64 in a side run with everything else equal.
-# - **The W questions of an image share one sequence** (multi-turn): the image and the system prompt
-#   are encoded once per image instead of once per tuple, about 3.2 times the tuples per second on
-#   2 cores. At prediction every question is asked alone, as in the paper.
+# - **The W tuples of an image share one sequence**: the system prompt and the image come once,
+#   then each tuple's question and answer, and each tuple sees only the image prefix and itself, at
+#   the positions it would have alone (`skinlib.inputs`; a test holds its logits and loss equal to
+#   the one-tuple sequence's). Each tuple is thus trained exactly as the paper's one-tuple sequence,
+#   the prompt the model is asked at prediction, for a quarter of the time (bench/training.py).
+#   An earlier version packed the W tuples as one multi-turn chat; there the 2nd to 5th answers
+#   could read the answers before them, a help no prediction prompt offers. Isolating them raised
+#   the median test R² from 0.65 to 0.69 (attributes at 0.70 or more: 4 to 7) in a side run with
+#   the same weights to start from and the same 7 epochs.
 #
 # W stays the paper's 5 here, although more answers per image would help the R² of chapter 3: the
 # tiny language model, not the vision tower, is what falls short there (chapter 4 compares a linear
-# read-out of the model's last layer with its answers). In side runs of about the same time, all
-# 16 questions per image (W = 16, 4.5 epochs, a 2,400-step warm-up) raised the median test R² from
-# 0.66 to 0.73 and the attributes at 0.70 or more from 4 to 9, but image-only retrieval gained
-# more than image+text: the full ordering of chapter 5 held for 13 attributes instead of 15
-# (W = 8: R² 0.69, ordering 13). Asking every question of an image in one sequence teaches its
-# image tokens every attribute, which narrows the very difference the paper measures. The `w` and
-# `epochs` parameters above run either.
+# read-out of the model's last layer with its answers). In side runs of about the same time (with
+# the multi-turn packing of the earlier version), all 16 questions per image (W = 16, 4.5 epochs, a
+# 2,400-step warm-up) raised the median test R² from 0.66 to 0.73 and the attributes at 0.70 or
+# more from 4 to 9, but image-only retrieval gained more than image+text: the full ordering of
+# chapter 5 held for 13 attributes instead of 15 (W = 8: R² 0.69, ordering 13). Every question of
+# an image teaches its image tokens another attribute, which narrows the very difference the paper
+# measures. The `w` and `epochs` parameters above run either.
 
 # %%
 summary = finetune.run(cfg, run)
