@@ -116,10 +116,11 @@ display(check)
 # | each tuple alone (this version) | 0 | 0.70 | 11 of 16 |
 # | each tuple alone (this version) | 1 | 0.69 | 14 of 16 |
 #
-# The R² gain of isolating the tuples held for both seeds; the ordering count spread over 11 to 15
-# within each way of packing. Image-only beat the untuned model in 15 or 16 attributes and
-# hierarchical stayed within 2 points of image+text for all 16 in all four runs; stdLExt, which no
-# run's model reads from the image (chapter 4), failed the full order in all four.
+# The R² gain of isolating the tuples held for both seeds; the ordering count moved by 3 between
+# the seeds within each way of packing, more than its mean differs between the two ways (13.5 and
+# 12.5). Image-only beat the untuned model in 15 or 16 attributes and hierarchical stayed within 2
+# points of image+text for all 16 in all four runs; stdLExt, which no run's model reads from the
+# image (chapter 4), failed the full order in all four.
 
 # %% [markdown]
 # ## Fig. 3: what the two kinds of retrieval return
