@@ -84,14 +84,17 @@ def recipe(cfg: dict, run_dir) -> dict:
     """What the fine-tuned weights depend on: the model and train sections, the split's data
     (the manifest's hash: which images, which split, which values) and the attribute registry
     (questions and answer format, which the tuples and the tiny model's tokenizer are made of), and
-    how packed rows are laid out (`inputs.PACKING`)."""
+    with packed training how packed rows are laid out (`inputs.PACKING`; absent without packing, so
+    that a run of one tuple per sequence keeps its recipe, and its weights, across that change)."""
     import hashlib
 
     man = config.manifest_path(run_dir)   # missing: prepare() names it in its own error
     data = hashlib.sha256(man.read_bytes()).hexdigest()[:16] if man.exists() else None
     train = {k: v for k, v in cfg["train"].items() if k not in NOT_IN_RECIPE}
-    return json.loads(json.dumps({"model": cfg["model"], "train": train, "manifest": data,
-                                  "attributes": attributes.fingerprint(), "packing": PACKING}))
+    out = {"model": cfg["model"], "train": train, "manifest": data, "attributes": attributes.fingerprint()}
+    if cfg["train"].get("packed"):
+        out["packing"] = PACKING
+    return json.loads(json.dumps(out))
 
 
 def start_recipe(cfg: dict, run_dir) -> bool:

@@ -163,6 +163,19 @@ def test_a_changed_registry_is_another_prediction_job_and_another_recipe(release
     assert len(again) == 2 * 16
 
 
+def test_the_packing_layout_is_in_a_packed_recipe_only(tmp_path, monkeypatch):
+    """A packed run trained on another row layout is another recipe; a run of one tuple per
+    sequence (the paper profile) is not touched by a change of the packed layout."""
+    from skinlib import config, inputs
+    packed, single = config.load_profile("default"), config.load_profile("paper")
+    assert packed["train"]["packed"] and not single["train"]["packed"]
+    before = finetune.recipe(packed, tmp_path), finetune.recipe(single, tmp_path)
+    monkeypatch.setattr(finetune, "PACKING", inputs.PACKING + "-changed")
+    assert finetune._changes(before[0], finetune.recipe(packed, tmp_path)) == [
+        f"packing {inputs.PACKING!r} -> {inputs.PACKING + '-changed'!r}"]
+    assert finetune.recipe(single, tmp_path) == before[1]
+
+
 def _logits(loaded, release):
     from skinlib.inputs import build_batch
     b = build_batch(loaded.tokenizer, loaded.image_processor, [release.image(release.ids[0])],
