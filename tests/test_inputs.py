@@ -93,7 +93,7 @@ def test_labels_cover_answer_and_im_end_only(tiny):
     assert tok.decode(row[n:]) == ans[0] + "<|im_end|>"
 
 
-def _packed_example(tiny):
+def _packed_example():
     """Two images of different grids (8x8 and 10x8 patches: rows of different lengths, left
     padding, a non-square M-RoPE grid), three and two tuples."""
     atts = [ATTRIBUTES[:3], ATTRIBUTES[5:7]]
@@ -104,7 +104,7 @@ def _packed_example(tiny):
 
 def test_packed_rows_label_every_answer_and_hold_the_image_once(tiny):
     tok = tiny.tokenizer
-    imgs, qs, ans = _packed_example(tiny)
+    imgs, qs, ans = _packed_example()
     b = I.build_batch(tok, tiny.image_processor, imgs, qs, ans)
     image_id = tok.convert_tokens_to_ids("<|image_pad|>")
     for r, n_img in enumerate((16, 20)):
@@ -134,7 +134,7 @@ def test_packed_tuples_see_only_the_prefix_and_themselves(tiny):
     same loss as the tuples built one per row (a tuple that could read an earlier tuple's answer, or
     sat at shifted positions, would differ)."""
     tok = tiny.tokenizer
-    imgs, qs, ans = _packed_example(tiny)
+    imgs, qs, ans = _packed_example()
     packed = I.build_batch(tok, tiny.image_processor, imgs, qs, ans)
     flat = [(im, q, a) for im, qq, aa in zip(imgs, qs, ans) for q, a in zip(qq, aa)]
     single = I.build_batch(tok, tiny.image_processor, *map(list, zip(*flat)))
