@@ -23,15 +23,18 @@ out = None  # run folder; default runs/<profile>
 # Overrides of the profile's `predict` section; None keeps the profile's value.
 n_images = None  # test images asked (None: the profile's; the profile's null: all)
 batch_size = None
+constrain = None  # hold replies to the training answers' shape (None: the profile's)
 
 # %%
 import matplotlib.pyplot as plt
 from IPython.display import Markdown, display
 
-from skinlib import answers, config, figures, metrics, model as models, predict, qa, slice3d, split
+import pandas as pd
+
+from skinlib import answer_format, answers, config, figures, metrics, model as models, predict, qa, slice3d, split
 
 cfg = config.load_profile(profile)
-pcfg = config.section(cfg, "predict", n_images=n_images, batch_size=batch_size)
+pcfg = config.section(cfg, "predict", n_images=n_images, batch_size=batch_size, constrain=constrain)
 run = config.run_dir(cfg, out)
 config.set_threads(cfg.get("threads", 1))
 manifest = split.load_manifest(config.manifest_path(run))
@@ -46,14 +49,25 @@ print(f"profile {cfg['name']!r}: {len(test):,} test images of {int((manifest.spl
 #
 # Batched greedy generation with left padding (a batch gives the same replies as one row at a time).
 # Replies are written in shards as they come, so an interrupted run picks up where it stopped.
+#
+# With `constrain` (the embedded default; the `paper` profile asks as the paper did, unconstrained)
+# greedy decoding takes the model's most likely token among those that keep the reply in the shape
+# of the training answers: the sign, integer widths and decimals they had (`skinlib.answer_format`).
+# A tiny model now and then loses count of its digits ("310.8" for a perimeter of 40.8 mm, whose
+# training answers all had two integer digits), and one such reply alone can drag an attribute's R²
+# far below zero. Where the model's own choice already fits, which is almost everywhere, the reply
+# is the unconstrained one; where the constraint stepped in, the question is asked again without
+# it, so both readings are scored below.
 
 # %%
 loaded = models.load_finetuned(config.finetuned_dir(run), device=models.default_device())
 release = slice3d.Slice3D(*config.release_files(cfg, run), on_error=cfg["data"]["on_error"])
 images = qa.ImageCache(release, loaded.image_processor, keep=False)
+shapes = answer_format.shapes(pd.read_parquet(config.tuples_path(run))) if pcfg["constrain"] else None
 pred = predict.predict_sharded(loaded.model, loaded.tokenizer, loaded.image_processor, images, test,
                                config.stage_dir(run, "03_predict") / "shards",
-                               key=str(config.finetuned_dir(run)), batch_size=pcfg["batch_size"])
+                               key=str(config.finetuned_dir(run)), batch_size=pcfg["batch_size"],
+                               shapes=shapes)
 pred.to_csv(config.predictions_path(run), index=False)
 r2 = metrics.r2_table(pred)
 config.metrics_dir(run).mkdir(parents=True, exist_ok=True)
@@ -92,6 +106,32 @@ else:
             f"{n_bad / len(pred):.2%} of the replies were not a number.")
 display(Markdown(paper + this))
 display(r2.round(3))
+
+# %% [markdown]
+# ## What the format constraint changed
+#
+# The same model's plain greedy replies, scored alike, next to the constrained ones above; and every
+# reply the constraint changed, with the reply the model would have given without it.
+
+# %%
+free = metrics.r2_table(predict.free_readings(pred))
+over = pred[pred.overridden]
+if shapes is None:
+    print("unconstrained run (predict.constrain false): the replies above are the plain greedy ones.")
+else:
+    both = pd.concat([free.assign(kind="plain greedy"), r2.assign(kind="format-constrained")])
+    fig = figures.readout_vs_answers(both)
+    plt.show()
+    n_free_bad = int(pred.free_pred.isna().sum())
+    display(Markdown(
+        f"The constraint changed **{len(over)} of {len(pred):,} replies** ({len(over) / len(pred):.2%}). "
+        f"Plain greedy: median R² {free.r2.median():.2f}, {int((free.r2 >= 0.70).sum())} attributes "
+        f"at 0.70 or more, {n_free_bad} replies not a number; format-constrained: median "
+        f"{r2.r2.median():.2f}, {int((r2.r2 >= 0.70).sum())} at 0.70 or more, {n_bad} not a number."))
+    if len(over):
+        display(over[["isic_id", "attribute", "true", "free_reply", "reply"]]
+                .rename(columns={"free_reply": "plain reply", "reply": "constrained reply"})
+                .head(30).round(2))
 
 # %% [markdown]
 # ## Predicted against measured

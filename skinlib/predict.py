@@ -3,6 +3,10 @@
 Replies are read with `Attribute.read_answer` (`answers.parse_number`, sign per the registry); a
 reply that is not one clean number becomes NaN in `pred`, is kept in the table with its text, and
 is counted per attribute by `metrics.r2_table` (never dropped silently, never a crash).
+
+With `shapes` (`answer_format.shapes` of the training answers) decoding is format-constrained:
+`reply`/`pred` are the constrained readings, and the rows where the constraint stepped in are asked
+again without it, so `free_reply`/`free_pred` always hold the plain greedy readings as well.
 """
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import attributes
+from . import answer_format, attributes
 from .inputs import build_batch
 
 
@@ -26,24 +30,39 @@ def max_answer_tokens(tokenizer, names=None, margin: int = 2) -> int:
 
 
 @torch.no_grad()
-def generate(model, tokenizer, image_processor, images, questions, max_new_tokens: int) -> list[str]:
-    """Greedy replies, one per (image, question) row; left padding makes batching exact."""
+def generate(model, tokenizer, image_processor, images, questions, max_new_tokens: int,
+             row_shapes=None) -> list[str] | tuple[list[str], list[bool]]:
+    """Greedy replies, one per (image, question) row; left padding makes batching exact.
+
+    With `row_shapes` (one `answer_format.Shape` per row) each reply is held to its shape, and
+    (replies, overridden) is returned: overridden[i] when the constraint changed row i's reply."""
+    from transformers import LogitsProcessorList
+
     batch = build_batch(tokenizer, image_processor, images, questions)
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
+    extra = {}
+    if row_shapes is not None:
+        constraint = answer_format.FormatConstraint(tokenizer, row_shapes, batch["input_ids"].shape[1])
+        extra["logits_processor"] = LogitsProcessorList([constraint])
     out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=tokenizer.pad_token_id)
+                         pad_token_id=tokenizer.pad_token_id, **extra)
     new = out[:, batch["input_ids"].shape[1]:]
-    return [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    replies = [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
+    return (replies, constraint.overridden) if row_shapes is not None else replies
 
 
 def predict(model, tokenizer, image_processor, images: Mapping, truth: pd.DataFrame, names=None,
-            batch_size: int = 64, max_new_tokens: int | None = None, progress: bool = True) -> pd.DataFrame:
+            batch_size: int = 64, max_new_tokens: int | None = None, progress: bool = True,
+            shapes: Mapping | None = None) -> pd.DataFrame:
     """Ask every image of `truth` (isic_id + attribute short names) every attribute question.
 
     images: isic_id -> image (PIL, array or EncodedImage, e.g. a `qa.ImageCache`).
-    Returns one row per (image, attribute): isic_id, attribute, true, reply, pred. An attribute whose
-    true value is NaN (excluded for that image) is not asked: it cannot be scored.
+    shapes: {attribute: answer_format.Shape} to constrain the replies to (None: plain greedy).
+    Returns one row per (image, attribute): isic_id, attribute, true, reply, pred, overridden,
+    free_reply, free_pred (the last three: whether the constraint changed the reply, and the plain
+    greedy reading; without `shapes`, False and copies of reply/pred). An attribute whose true value
+    is NaN (excluded for that image) is not asked: it cannot be scored.
     """
     from tqdm.auto import tqdm
 
@@ -57,20 +76,50 @@ def predict(model, tokenizer, image_processor, images: Mapping, truth: pd.DataFr
     long = long.drop(columns=["_i", "_a"]).reset_index(drop=True)
     questions = long.attribute.map({a.name: a.question for a in atts}).tolist()
     max_new_tokens = max_new_tokens or max_answer_tokens(tokenizer, names)
+    if shapes is not None:
+        missing = sorted(set(long.attribute) - set(shapes))
+        if missing:
+            raise KeyError(f"format constraint: no answer shape for attribute(s) {missing} "
+                           "(no training answers of them?)")
+        max_new_tokens = max(max_new_tokens, max(s.max_width + s.decimals + 3 for s in shapes.values()))
     was_training = model.training
     model.eval()
     replies: list[str] = []
+    overridden: list[bool] = []
     try:
         for s in tqdm(range(0, len(long), batch_size), desc="predict", unit="batch", disable=not progress):
             rows = long.iloc[s:s + batch_size]
-            replies += generate(model, tokenizer, image_processor, [images[i] for i in rows.isic_id],
-                                questions[s:s + batch_size], max_new_tokens)
+            imgs, qs = [images[i] for i in rows.isic_id], questions[s:s + batch_size]
+            if shapes is None:
+                replies += generate(model, tokenizer, image_processor, imgs, qs, max_new_tokens)
+                continue
+            got, over = generate(model, tokenizer, image_processor, imgs, qs, max_new_tokens,
+                                 row_shapes=[shapes[a] for a in rows.attribute])
+            replies += got
+            overridden += over
+        long["reply"] = replies
+        long["overridden"] = overridden if shapes is not None else False
+        long["free_reply"] = long["reply"]
+        # where the constraint stepped in, the plain greedy reply: the same rows asked again
+        # unconstrained (elsewhere the two decodings took the same tokens, so the reply is the same)
+        redo = np.flatnonzero(long["overridden"].to_numpy(bool))
+        for s in range(0, len(redo), batch_size):
+            rows = long.iloc[redo[s:s + batch_size]]
+            long.loc[rows.index, "free_reply"] = generate(
+                model, tokenizer, image_processor, [images[i] for i in rows.isic_id],
+                [questions[j] for j in redo[s:s + batch_size]], max_new_tokens)
     finally:
         model.train(was_training)
-    long["reply"] = replies
     read = {a.name: a.read_answer for a in atts}
-    long["pred"] = [read[a](r) for a, r in zip(long.attribute, replies)]
-    return long[["isic_id", "attribute", "true", "reply", "pred"]]
+    long["pred"] = [read[a](r) for a, r in zip(long.attribute, long.reply)]
+    long["free_pred"] = [read[a](r) for a, r in zip(long.attribute, long.free_reply)]
+    return long[["isic_id", "attribute", "true", "reply", "pred", "overridden", "free_reply", "free_pred"]]
+
+
+def free_readings(pred: pd.DataFrame) -> pd.DataFrame:
+    """The plain greedy readings of a prediction frame, as a frame of the same layout (reply and
+    pred replaced by free_reply and free_pred): what `metrics.r2_table` scores unconstrained."""
+    return pred.assign(reply=pred.free_reply, pred=pred.free_pred)
 
 
 def scatter_limits(frame: pd.DataFrame, q: float = 0.005) -> tuple[float, float]:
@@ -97,8 +146,9 @@ def predict_sharded(model, tokenizer, image_processor, images: Mapping, truth: p
     out.mkdir(parents=True, exist_ok=True)
     from .embed import model_fingerprint
 
+    options = sorted((k, sorted(v.items()) if isinstance(v, Mapping) else v) for k, v in kw.items())
     job = hashlib.sha256(("\n".join(truth.isic_id) + f"|{key}|{model_fingerprint(model)}|{shard_images}"
-                          f"|{sorted(kw.items())}|{attributes.fingerprint(kw.get('names'))}")
+                          f"|{options}|{attributes.fingerprint(kw.get('names'))}")
                          .encode()).hexdigest()[:16]
     stamp = out / "job.json"
     if not stamp.exists() or json.loads(stamp.read_text()).get("job") != job:
@@ -114,7 +164,7 @@ def predict_sharded(model, tokenizer, image_processor, images: Mapping, truth: p
         path = out / f"shard-{s // shard_images:05d}.csv"
         if path.exists():
             parts.append(pd.read_csv(path, keep_default_na=False, na_values=[""],
-                                     dtype={"reply": str}))
+                                     dtype={"reply": str, "free_reply": str}))
             continue
         chunk = truth.iloc[s:s + shard_images]
         part = predict(model, tokenizer, image_processor, images, chunk, progress=False, **kw)
@@ -126,4 +176,5 @@ def predict_sharded(model, tokenizer, image_processor, images: Mapping, truth: p
     bar.close()
     res = pd.concat(parts, ignore_index=True)
     res["reply"] = res["reply"].fillna("")
+    res["free_reply"] = res["free_reply"].fillna("")
     return res

@@ -19,6 +19,9 @@ def test_the_paper_profile_trains_with_the_papers_recipe():
     t = config.load_profile("paper")["train"]
     assert (t["w"], t["method"], t["lora"]["rank"], t["lr"], t["batch_size"], t["packed"]) == (5, "lora", 8, 1e-4, 16, False)
     assert t["vision_warmup"]["steps"] == 0
+    # §4.2: plain greedy replies (the default holds them to the answers' shape)
+    assert config.load_profile("paper")["predict"]["constrain"] is False
+    assert config.load_profile("default")["predict"]["constrain"] is True
 
 
 def test_overrides_none_keeps_unknown_key_fails():
