@@ -125,10 +125,11 @@ plt.show()
 # %% [markdown]
 # ## What the last layer holds, and what the model answers
 #
-# Chapter 3 scores the model's greedy answers. The vectors can be scored as well: a ridge regression
-# fitted on the database vectors (training images) and scored on the query images gives the share of
-# each attribute that a *linear* read-out of the last layer holds — of h_im,a (the attribute's own
-# question) and of h_im. Where the read-out beats the answers, the language model's digits lose what
+# Chapter 3 scores the model's greedy answers (held to the answer format where the profile says
+# so, as the default does; chapter 3 shows the plain ones beside them). The vectors can be scored
+# as well: a ridge regression fitted on the database vectors (training images) and scored on the
+# query images gives the share of each attribute that a *linear* read-out of the last layer holds
+# — of h_im,a (the attribute's own question) and of h_im. Where the read-out beats the answers, the language model's digits lose what
 # its last layer holds; where all three are low, the image features never held the attribute.
 
 # %%
@@ -137,7 +138,7 @@ read = metrics.readout_table({k: arr[k] for k in ("image_text", "image")}, vals,
                              {k: arr_q[k] for k in ("image_text", "image")}, q.set_index("isic_id").loc[ids_q])
 answers = pd.read_csv(config.r2_path(run))[["attribute", "r2"]].assign(kind="answers")
 table = pd.concat([answers, read[["attribute", "kind", "r2"]]], ignore_index=True)
-fig = figures.readout_vs_answers(table, labels={"answers": "greedy answers (chapter 3)",
+fig = figures.readout_vs_answers(table, labels={"answers": "answers (chapter 3)",
                                                 "image_text": "read-out of h_im,a", "image": "read-out of h_im"})
 plt.show()
 med = table.groupby("kind").r2.median()
