@@ -64,16 +64,13 @@ def shapes(answers: pd.DataFrame) -> dict[str, Shape]:
     out = {}
     for name, g in answers.groupby("attribute", sort=False):
         a = attributes.get(name)
-        body = g.answer.astype(str).str.lstrip("-")
-        whole = body.str.partition(".")[0]
-        frac = body.str.partition(".")[2]
-        bad = ~whole.str.fullmatch(r"\d+") | (frac.str.len() != a.decimals) | \
-            ((frac != "") & ~frac.str.fullmatch(r"\d*"))
+        text = g.answer.astype(str)
+        bad = ~text.str.fullmatch(rf"-?\d+\.\d{{{a.decimals}}}" if a.decimals else r"-?\d+")
         if bad.any():
             raise ValueError(f"training answers of {name!r} not in the registry's format "
-                             f"({a.decimals} decimals), e.g. {g.answer[bad].iloc[0]!r}")
-        out[name] = Shape(int(whole.str.len().min()), int(whole.str.len().max()), a.decimals,
-                          bool(g.answer.astype(str).str.startswith("-").any()))
+                             f"({a.decimals} decimals), e.g. {text[bad].iloc[0]!r}")
+        width = text.str.lstrip("-").str.partition(".")[0].str.len()
+        out[name] = Shape(int(width.min()), int(width.max()), a.decimals, bool(text.str.startswith("-").any()))
     return out
 
 

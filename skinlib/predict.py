@@ -89,14 +89,13 @@ def predict(model, tokenizer, image_processor, images: Mapping, truth: pd.DataFr
     try:
         for s in tqdm(range(0, len(long), batch_size), desc="predict", unit="batch", disable=not progress):
             rows = long.iloc[s:s + batch_size]
-            imgs, qs = [images[i] for i in rows.isic_id], questions[s:s + batch_size]
-            if shapes is None:
-                replies += generate(model, tokenizer, image_processor, imgs, qs, max_new_tokens)
-                continue
-            got, over = generate(model, tokenizer, image_processor, imgs, qs, max_new_tokens,
-                                 row_shapes=[shapes[a] for a in rows.attribute])
+            got = generate(model, tokenizer, image_processor, [images[i] for i in rows.isic_id],
+                           questions[s:s + batch_size], max_new_tokens,
+                           row_shapes=None if shapes is None else [shapes[a] for a in rows.attribute])
+            if shapes is not None:
+                got, over = got
+                overridden += over
             replies += got
-            overridden += over
         long["reply"] = replies
         long["overridden"] = overridden if shapes is not None else False
         long["free_reply"] = long["reply"]
