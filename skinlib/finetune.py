@@ -236,18 +236,21 @@ def launch(cfg: dict, run_dir, processes: int, progress: bool = True) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(thread_share(cfg, processes)), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     seen: list[str] = []
+    relay = _Relay() if progress else None
     try:
         for chunk in iter(lambda: proc.stdout.read1(4096), b""):   # tqdm writes \r, not lines
             text = chunk.decode(errors="replace")
             seen.append(text)
-            if progress:
-                sys.stderr.write(text)
-                sys.stderr.flush()
+            if relay:
+                relay.write(text)
         rc = proc.wait()
     except BaseException:   # an interrupted cell stops the workers; the checkpoints stay
         proc.terminate()
         proc.wait()
         raise
+    finally:
+        if relay:
+            relay.flush()
     if rc != 0:
         # torchrun ends with its own summary; the worker's exception is the line to show first
         text = "".join(seen)
@@ -255,6 +258,63 @@ def launch(cfg: dict, run_dir, processes: int, progress: bool = True) -> None:
         cause = errors[0] if errors else "(no exception line found)"
         raise RuntimeError(f"fine-tuning under `{' '.join(cmd[2:])}` failed (exit {rc}): {cause}\n"
                            f"last output:\n{text[-3000:]}")
+
+
+class TerminalView:
+    """The text a terminal shows after a stream of output: each line as its last carriage-return
+    redraw left it. tqdm redraws a bar with \\r thousands of times; a stored notebook would keep
+    every redraw as its own line. Fed in chunks split anywhere; keeps only what is still shown."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+        self.line = ""   # the line being drawn, from its last non-empty redraw on
+
+    def feed(self, chunk: str) -> None:
+        *done, self.line = (self.line + chunk).split("\n")
+        self.lines += [self.shown(d) for d in done]
+        segs = self.line.split("\r")
+        last = max((i for i, seg in enumerate(segs) if seg), default=len(segs) - 1)
+        self.line = "\r".join(segs[last:])
+
+    @staticmethod
+    def shown(line: str) -> str:
+        return next((seg for seg in reversed(line.split("\r")) if seg), "")
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines + ([self.shown(self.line)] if self.line else []))
+
+
+class _Relay:
+    """Shows a launched process's output as it comes. In a notebook kernel: one output area,
+    redrawn in place (at most twice a second) with what a terminal would show, so the stored
+    notebook, and the book, keep each bar's last state instead of every redraw. Elsewhere the
+    output passes through to stderr, whose terminal redraws the bars itself."""
+
+    def __init__(self, every: float = 0.5):
+        self.view, self.every, self.last, self.handle = TerminalView(), every, 0.0, None
+        try:
+            from IPython import get_ipython
+            if getattr(get_ipython(), "kernel", None) is not None:
+                from IPython.display import Pretty, display
+                self.handle = display(Pretty(""), display_id=True)
+        except ImportError:
+            pass
+
+    def write(self, text: str) -> None:
+        if self.handle is None:
+            sys.stderr.write(text)
+            sys.stderr.flush()
+            return
+        self.view.feed(text)
+        if time.monotonic() - self.last >= self.every:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.handle is not None:
+            from IPython.display import Pretty
+            self.handle.update(Pretty(self.view.text))
+            self.last = time.monotonic()
 
 
 def compare_methods(cfg: dict, run_dir, steps: int = 150, methods=("full", "lora")) -> pd.DataFrame:

@@ -40,6 +40,15 @@ def test_fine_tuning_ran_as_two_accelerate_processes(smoke_run):
     assert launched["name"] == "smoke" and launched["train"] == cfg["train"]
     hist = (config.checkpoint_dir(out) / "history.csv").read_text().splitlines()
     assert len(hist) - 1 == summary["steps"]
+    # the launched processes' progress is kept in the notebook as a terminal would show it at the
+    # end: one line per bar, not one per redraw (the book's chapter 2 had thousands of them)
+    nb = nbformat.read(config.stage_dir(out, "02_finetune") / "02_finetune.ipynb", as_version=4)
+    cell = next(c for c in nb.cells if "finetune.run(cfg, run)" in c.source)
+    shown = "".join(o.get("text", "") + o.get("data", {}).get("text/plain", "") for o in cell.outputs)
+    assert "\r" not in shown
+    train_lines = [ln for ln in shown.splitlines() if ln.startswith("train:")]
+    assert len(train_lines) == 1 and f"{summary['steps']}/{summary['steps']}" in train_lines[0], train_lines[:3]
+    assert sum(ln.startswith("vision warm-up:") for ln in shown.splitlines()) == 1
 
 
 def test_unchanged_stages_are_reused_and_a_changed_parameter_reruns(smoke_run, tmp_path, capsys):

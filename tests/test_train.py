@@ -121,3 +121,34 @@ def test_a_failed_accelerate_launch_names_the_command_and_its_error(tmp_path):
     with pytest.raises(RuntimeError, match=r"(?s)accelerate\.commands\.launch.*--num_processes 2.*manifest"):
         finetune.run(cfg, tmp_path / "run", progress=False)
     assert (config.stage_dir(tmp_path / "run", "02_finetune") / "launched-profile.yaml").exists()
+
+
+def test_a_terminal_view_keeps_each_bar_as_last_drawn_however_the_stream_is_split():
+    """What the notebook shows of a launched process: real tqdm output, whose thousands of \\r
+    redraws must collapse to one line per bar, the same for any split of the stream into chunks."""
+    import io
+
+    from tqdm import tqdm
+
+    from skinlib.finetune import TerminalView
+
+    buf = io.StringIO()
+    buf.write("a warning\n")
+    for _ in tqdm(range(300), file=buf, mininterval=0, desc="warm-up"):
+        pass
+    bar = tqdm(range(200), file=buf, mininterval=0, desc="train")
+    for i in bar:          # interrupted mid-bar: the live line is shown as last drawn
+        if i == 120:
+            break
+    raw = buf.getvalue()
+    assert raw.count("\r") > 400
+    rng = np.random.default_rng(0)
+    for cuts in ([], [1], list(range(1, len(raw))), sorted(rng.choice(len(raw), 60, replace=False))):
+        view = TerminalView()
+        for a, b in zip([0, *cuts], [*cuts, len(raw)]):
+            view.feed(raw[a:b])
+        lines = view.text.split("\n")
+        assert len(lines) == 3, lines[:5]
+        assert lines[0] == "a warning"
+        assert lines[1].startswith("warm-up: 100%") and "300/300" in lines[1]
+        assert lines[2].startswith("train:") and "120/200" in lines[2]
