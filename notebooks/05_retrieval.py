@@ -115,7 +115,7 @@ display(check)
 # | multi-turn chat (earlier version) | 1 | 0.61 | 12 of 16 |
 # | each tuple alone (this version) | 0 | 0.70 | 11 of 16 |
 # | each tuple alone (this version) | 1 | 0.69 | 14 of 16 |
-# | each tuple alone, seed 0 again, on another machine | 0 | 0.63 | 13 of 16 |
+# | each tuple alone, seed 0 again, on another CPU | 0 | 0.63 | 13 of 16 |
 #
 # R² is that of the plain greedy replies, as every run above had them; chapter 3 now also holds
 # the replies to the answers' shape, which lifted the last run from 0.63 to 0.68.
@@ -123,11 +123,13 @@ display(check)
 # The R² gain of isolating the tuples held for both seeds; the ordering count moved by 3 between
 # the seeds within each way of packing, more than its mean differs between the two ways (13.5 and
 # 12.5 over the first four runs). The last row repeats the third with the same code, profile and
-# seeds on a fresh machine of the same kind, and did not reproduce it: the R² median moved by 0.07
-# and the count by 2 (the phantom, split and training are seeded, so floating-point differences
-# between machines are the likely cause). Image-only beat the untuned model in 15 or 16 attributes
-# and hierarchical stayed within 2 points of image+text for all 16 in all five runs; stdLExt, which
-# no run's model reads from the image (chapter 4), failed the full order in all five.
+# seeds on a machine with another CPU (AMD EPYC; the first four ran on Intel Xeon), and did not
+# reproduce it: the R² median moved by 0.07 and the count by 2. On one machine a run is exact: two
+# fresh runs there gave bit-identical fine-tuned weights. So the machine's floating-point
+# arithmetic alone moves these figures about as much as the training seed does. Image-only beat
+# the untuned model in 15 or 16 attributes and hierarchical stayed within 2 points of image+text
+# for all 16 in all five runs; stdLExt, which no run's model reads from the image (chapter 4),
+# failed the full order in all five.
 
 # %% [markdown]
 # ## Fig. 3: what the two kinds of retrieval return
