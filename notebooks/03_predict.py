@@ -27,9 +27,8 @@ constrain = None  # hold replies to the training answers' shape (None: the profi
 
 # %%
 import matplotlib.pyplot as plt
-from IPython.display import Markdown, display
-
 import pandas as pd
+from IPython.display import Markdown, display
 
 from skinlib import answer_format, answers, config, figures, metrics, model as models, predict, qa, slice3d, split
 
