@@ -107,6 +107,42 @@ display(Markdown(paper + this))
 display(r2.round(3))
 
 # %% [markdown]
+# ## Where the R² goes
+#
+# An attribute's R² can be low because the replies do not follow it, or because they follow it with
+# too narrow (or wide) a spread or around the wrong mean. The three add up exactly:
+# R² = ρ² − (ρ − σ_reply/σ_measured)² − ((μ_reply − μ_measured)/σ_measured)², with ρ the correlation
+# of reply and measured value (`skinlib.metrics.r2_parts`). The top of each stack is ρ², the R² the
+# replies would reach if they were rescaled afterwards.
+
+# %%
+parts = metrics.r2_parts_table(pred)
+fig = figures.r2_parts(parts)
+plt.show()
+p = parts.set_index("attribute")
+calibrated = p.index[(p.scale + p.offset) < 0.05]
+lines = [f"For {len(calibrated)} of {len(p)} attributes the replies lose less than 0.05 to spread and "
+         "mean together: there the R² is what the replies track, and raising it takes a model that "
+         "sees (or says) more, not a recalibration of its replies."]
+train_values = manifest[manifest.split == "train"]
+below = p[p.r2 < 0]
+if len(below):
+    means = pred.dropna(subset=["pred", "true"]).groupby("attribute")[["pred", "true"]].mean()
+    lines.append("Below zero: " + "; ".join(
+        f"**{a}** (ρ² {r.tracked:.2f}, offset {r.offset:.2f}: replies' mean {means.pred[a]:.2f}, "
+        f"measured mean {means.true[a]:.2f}, training median {train_values[a].median():.2f})"
+        for a, r in below.iterrows()) + ".")
+    # offset-driven: right-skewed in training, replies below the measured mean, and R² >= 0 without the offset
+    skewed = [a for a, r in below.iterrows() if train_values[a].mean() > train_values[a].median()
+              and means.pred[a] < means.true[a] and r.tracked - r.scale >= 0]
+    if skewed:
+        lines.append(f"Where replies barely follow an attribute, greedy decoding gives a typical answer "
+                     f"rather than the average one. {', '.join(skewed)} {'are' if len(skewed) > 1 else 'is'} "
+                     "right-skewed in training (mean above median), so the typical answer lies below the "
+                     "mean, and that offset alone takes the R² below zero.")
+display(Markdown("\n\n".join(lines)))
+
+# %% [markdown]
 # ## What the format constraint changed
 #
 # The same model's plain greedy replies, scored alike, next to the constrained ones above; and every

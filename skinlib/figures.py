@@ -136,6 +136,34 @@ def readout_vs_answers(table: pd.DataFrame, labels: dict | None = None, floor: f
     return fig
 
 
+def r2_parts(parts: pd.DataFrame, floor: float = -0.5):
+    """Per attribute (registry order), the R² of the answers with what they lose (a frame of
+    metrics.r2_parts_table): a stack from the R² (blue, drawn from 0 when positive) through the
+    loss to an offset mean (red) and to a wrong spread (orange) up to ρ², the R² the answers would
+    reach rescaled. A black tick marks the R²; stacks below `floor` are cut there and labelled."""
+    order = [n for n in attributes.NAMES if n in set(parts.attribute)]
+    t = parts.set_index("attribute").reindex(order)
+    x = np.arange(len(order))
+    fig, ax = plt.subplots(figsize=(11, 3.8))
+    r2 = t.r2.to_numpy(float)
+    lo = np.maximum(r2, floor)
+    ax.bar(x, np.maximum(r2, 0), color="C0", zorder=2, label="R² of the answers")
+    off_top = np.maximum(r2 + t.offset.to_numpy(float), floor)
+    ax.bar(x, off_top - lo, bottom=lo, color="C3", zorder=2, label="lost to an offset mean")
+    ax.bar(x, np.maximum(t.tracked.to_numpy(float), floor) - off_top, bottom=off_top, color="C1", zorder=2,
+           label="lost to a wrong spread")
+    ax.scatter(x, lo, marker="_", s=160, color="k", zorder=3)
+    for xi, vi in zip(x, r2):
+        if np.isfinite(vi) and vi < floor:
+            ax.text(xi, floor + 0.01, f"{vi:.1f}", ha="center", va="bottom", fontsize=6, rotation=90, zorder=4)
+    ax.axhline(0, color="0.3", lw=0.6)
+    ax.set(ylim=(floor, 1.05), xlim=(-0.6, len(order) - 0.4), ylabel="R² (test images)")
+    ax.set_xticks(range(len(order)), order, rotation=60, ha="right", fontsize=8)
+    ax.legend(frameon=False, fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncols=3)
+    fig.tight_layout()
+    return fig
+
+
 def predicted_vs_true(pred: pd.DataFrame, r2: pd.DataFrame | None = None, ncols: int = 4, q: float = 0.005):
     """One scatter per attribute of reply against measured value, axes set to the measured values'
     central range; replies outside it are drawn on the edge as triangles."""

@@ -121,3 +121,46 @@ def readout_table(db_vectors: dict, db_values: pd.DataFrame, query_vectors: dict
             r2, ntr, nte = ridge_readout_r2(a, db_values[att.name], b, query_values[att.name], lam=lam)
             rows.append({"attribute": att.name, "kind": kind, "r2": r2, "n_train": ntr, "n_test": nte})
     return pd.DataFrame(rows, columns=["attribute", "kind", "r2", "n_train", "n_test"])
+
+
+def r2_parts(y_true, y_pred) -> dict:
+    """R² split into what the predictions track and what they lose (Murphy's decomposition of the
+    mean squared error, population moments):
+
+        R² = ρ² − (ρ − σ_pred/σ_true)² − ((μ_pred − μ_true)/σ_true)²
+             tracked    lost to scale        lost to offset
+
+    ρ² (`tracked`) is the most any rescaling of the predictions could reach; `scale` is what a
+    spread too narrow or too wide for that correlation costs; `offset` what a shifted mean costs.
+    Constant predictions have ρ = 0 (and no scale loss). Returns r2, tracked, scale, offset, corr;
+    NaN for all when fewer than 2 values or the truth has no spread."""
+    y, p = np.asarray(y_true, float), np.asarray(y_pred, float)
+    if y.shape != p.shape:
+        raise ValueError(f"r2_parts: shapes differ, {y.shape} vs {p.shape}")
+    nan = dict.fromkeys(["r2", "tracked", "scale", "offset", "corr"], float("nan"))
+    if len(y) < 2 or y.std() == 0:
+        return nan
+    sy = y.std()
+    sp = p.std() if np.ptp(p) > 0 else 0.0   # a constant's float std can come out as 1e-16
+    rho = float(((y - y.mean()) * (p - p.mean())).mean() / (sy * sp)) if sp > 0 else 0.0
+    scale = (rho - sp / sy) ** 2 if sp > 0 else 0.0
+    offset = ((p.mean() - y.mean()) / sy) ** 2
+    return {"r2": rho ** 2 - scale - offset, "tracked": rho ** 2, "scale": float(scale),
+            "offset": float(offset), "corr": rho}
+
+
+def r2_parts_table(pred: pd.DataFrame) -> pd.DataFrame:
+    """r2_parts per attribute (registry order) over the parsed replies of a long prediction frame
+    (columns attribute, true, pred): columns attribute, r2, tracked, scale, offset, corr, n."""
+    missing = {"attribute", "true", "pred"} - set(pred.columns)
+    if missing:
+        raise KeyError(f"r2_parts_table: prediction frame lacks column(s) {sorted(missing)}")
+    unknown = set(pred.attribute) - set(attributes.NAMES)
+    if unknown:
+        raise KeyError(f"r2_parts_table: unknown attribute(s) {sorted(unknown)}")
+    rows = []
+    for name in attributes.NAMES:
+        g = pred[(pred.attribute == name) & pred.pred.notna() & pred.true.notna()]
+        if len(g):
+            rows.append({"attribute": name, **r2_parts(g.true, g.pred), "n": len(g)})
+    return pd.DataFrame(rows, columns=["attribute", "r2", "tracked", "scale", "offset", "corr", "n"])

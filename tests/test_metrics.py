@@ -83,3 +83,38 @@ def test_readout_table_reads_each_attribute_from_its_own_question_vector():
         metrics.readout_table(dx, dv, {"image": qx["image"]}, qv, names=names)
     with pytest.raises(ValueError, match="'image' has 300 / 99 vectors"):
         metrics.readout_table({"image": dx["image"]}, dv, {"image": qx["image"][:99]}, qv, names=names)
+
+
+def test_r2_parts_add_up_to_r2_and_name_the_loss():
+    rng = np.random.default_rng(1)
+    y = rng.gamma(2.0, 2.0, 400)                       # skewed, like area_perim_ratio
+    noisy = y + rng.normal(0, 1.5, 400)
+    for p, cause in [(noisy, None), (0.4 * (noisy - noisy.mean()) + y.mean(), "scale"),
+                     (noisy - 3.0, "offset"), (np.full_like(y, np.median(y)), "offset")]:
+        parts = metrics.r2_parts(y, p)
+        # the three parts rebuild R² computed independently
+        assert parts["tracked"] - parts["scale"] - parts["offset"] == pytest.approx(metrics.r2_score(y, p))
+        assert parts["r2"] == pytest.approx(metrics.r2_score(y, p))
+        if np.std(p) > 0:
+            assert parts["tracked"] == pytest.approx(np.corrcoef(y, p)[0, 1] ** 2)
+        if cause:   # the part that was spoilt is the largest loss
+            assert parts[cause] > parts[{"scale": "offset", "offset": "scale"}[cause]]
+    # a constant at the median of a skewed attribute: R² below zero, all of it offset
+    const = metrics.r2_parts(y, np.full_like(y, np.median(y)))
+    assert const["tracked"] == 0 and const["scale"] == 0 and const["r2"] < 0
+    assert np.isnan(metrics.r2_parts(np.ones(5), np.arange(5.0))["r2"])
+    with pytest.raises(ValueError):
+        metrics.r2_parts(y, y[:-1])
+
+
+def test_r2_parts_table_scores_parsed_replies_in_registry_order():
+    pred = pd.DataFrame({"attribute": ["B"] * 3 + ["areaMM2"] * 4,
+                         "true": [1.0, 2.0, 3.0, 1.0, 2.0, 3.0, 4.0],
+                         "pred": [1.0, 2.0, np.nan, 2.0, 3.0, 4.0, 5.0]})
+    t = metrics.r2_parts_table(pred)
+    assert list(t.attribute) == ["areaMM2", "B"] and list(t.n) == [4, 2]
+    a = t.set_index("attribute").loc["areaMM2"]
+    assert a.tracked == pytest.approx(1.0) and a.scale == pytest.approx(0.0)
+    assert a.offset == pytest.approx(1 / 1.25) and a.r2 == pytest.approx(metrics.r2_score([1, 2, 3, 4], [2, 3, 4, 5]))
+    with pytest.raises(KeyError, match="nope"):
+        metrics.r2_parts_table(pred.assign(attribute="nope"))
