@@ -41,6 +41,12 @@ class Explorer:
         self.release = slice3d.Slice3D(*config.release_files(cfg, run), on_error=cfg["data"]["on_error"])
         self.tuned = models.load_finetuned(config.finetuned_dir(run), device=device or models.default_device())
         self.images = qa.ImageCache(self.release, self.tuned.image_processor, keep=False)
+        # the replies are read as chapter 3 reads them: held to the training answers' shapes when
+        # the profile constrains decoding
+        self.shapes = None
+        if cfg.get("predict", {}).get("constrain"):
+            from . import answer_format
+            self.shapes = answer_format.shapes(pd.read_parquet(config.tuples_path(run)))
         self.names = list(attributes.NAMES)
         self._qpos = {i: n for n, i in enumerate(self.q_ids)}
         self._dbpos = {i: n for n, i in enumerate(self.db_ids)}
@@ -138,12 +144,18 @@ class Explorer:
         return out
 
     def ask(self, query, attribute: str) -> str:
-        """The fine-tuned model's reply to Q(attribute) about the query image."""
+        """The fine-tuned model's greedy reply to Q(attribute) about the query image, held to the
+        attribute's answer shape when the profile constrains decoding (as chapter 3 asks)."""
         from .predict import generate, max_answer_tokens
         t = self.tuned
         image = self.images[query] if isinstance(query, str) else query
-        return generate(t.model, t.tokenizer, t.image_processor, [image], [attributes.get(attribute).question],
-                        max_answer_tokens(t.tokenizer))[0]
+        args = (t.model, t.tokenizer, t.image_processor, [image], [attributes.get(attribute).question],
+                max_answer_tokens(t.tokenizer))
+        if self.shapes is None:
+            return generate(*args)[0]
+        if attribute not in self.shapes:
+            raise KeyError(f"explorer: no training answers of {attribute!r} to take its answer shape from")
+        return generate(*args, row_shapes=[self.shapes[attribute]])[0][0]
 
     def image(self, isic_id: str):
         return self.release.image(isic_id)
