@@ -112,6 +112,21 @@ def r2_bars(r2: pd.DataFrame, paper_range: tuple[float, float] | None = (0.71, 0
     return fig
 
 
+def _label_cut(ax, x, values, floor: float) -> None:
+    """Write the value on each bar cut at `floor`."""
+    for xi, vi in zip(x, values):
+        if np.isfinite(vi) and vi < floor:
+            ax.text(xi, floor + 0.01, f"{vi:.1f}", ha="center", va="bottom", fontsize=6, rotation=90, zorder=4)
+
+
+def _r2_axes(ax, order, floor: float, ncols: int) -> None:
+    """Axes of a per-attribute R² chart: the zero line, attribute ticks, the legend on top."""
+    ax.axhline(0, color="0.3", lw=0.6)
+    ax.set(ylim=(floor, 1.05), xlim=(-0.6, len(order) - 0.4), ylabel="R² (test images)")
+    ax.set_xticks(range(len(order)), order, rotation=60, ha="right", fontsize=8)
+    ax.legend(frameon=False, fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncols=ncols)
+
+
 def readout_vs_answers(table: pd.DataFrame, labels: dict | None = None, floor: float = -0.2):
     """Grouped bars per attribute (registry order): R² of each `kind` in a long frame with columns
     attribute, kind, r2 (e.g. the greedy answers and ridge read-outs of the model's vectors).
@@ -125,13 +140,8 @@ def readout_vs_answers(table: pd.DataFrame, labels: dict | None = None, floor: f
         v = table[table.kind == kind].set_index("attribute").r2.reindex(order)
         x = np.arange(len(order)) + (k - (len(kinds) - 1) / 2) * width
         ax.bar(x, v.clip(lower=floor).fillna(floor), width, color=f"C{k}", label=labels.get(kind, kind), zorder=2)
-        for xi, vi in zip(x, v):
-            if np.isfinite(vi) and vi < floor:
-                ax.text(xi, floor + 0.01, f"{vi:.1f}", ha="center", va="bottom", fontsize=6, rotation=90, zorder=3)
-    ax.axhline(0, color="0.3", lw=0.6)
-    ax.set(ylim=(floor, 1.05), xlim=(-0.6, len(order) - 0.4), ylabel="R² (test images)")
-    ax.set_xticks(range(len(order)), order, rotation=60, ha="right", fontsize=8)
-    ax.legend(frameon=False, fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncols=len(kinds))
+        _label_cut(ax, x, v, floor)
+    _r2_axes(ax, order, floor, ncols=len(kinds))
     fig.tight_layout()
     return fig
 
@@ -153,13 +163,8 @@ def r2_parts(parts: pd.DataFrame, floor: float = -0.5):
     ax.bar(x, np.maximum(t.tracked.to_numpy(float), floor) - off_top, bottom=off_top, color="C1", zorder=2,
            label="lost to a wrong spread")
     ax.scatter(x, lo, marker="_", s=160, color="k", zorder=3)
-    for xi, vi in zip(x, r2):
-        if np.isfinite(vi) and vi < floor:
-            ax.text(xi, floor + 0.01, f"{vi:.1f}", ha="center", va="bottom", fontsize=6, rotation=90, zorder=4)
-    ax.axhline(0, color="0.3", lw=0.6)
-    ax.set(ylim=(floor, 1.05), xlim=(-0.6, len(order) - 0.4), ylabel="R² (test images)")
-    ax.set_xticks(range(len(order)), order, rotation=60, ha="right", fontsize=8)
-    ax.legend(frameon=False, fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncols=3)
+    _label_cut(ax, x, r2, floor)
+    _r2_axes(ax, order, floor, ncols=3)
     fig.tight_layout()
     return fig
 

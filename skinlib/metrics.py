@@ -36,6 +36,16 @@ def r2_score(y_true, y_pred) -> float:
     return 1.0 - float(((y - p) ** 2).sum()) / ss_tot
 
 
+def _check_predictions(pred: pd.DataFrame, who: str) -> None:
+    """A long prediction frame has columns attribute, true, pred and names registry attributes only."""
+    missing = {"attribute", "true", "pred"} - set(pred.columns)
+    if missing:
+        raise KeyError(f"{who}: prediction frame lacks column(s) {sorted(missing)}")
+    unknown = set(pred.attribute) - set(attributes.NAMES)
+    if unknown:
+        raise KeyError(f"{who}: unknown attribute(s) {sorted(unknown)}")
+
+
 def r2_table(pred: pd.DataFrame) -> pd.DataFrame:
     """Per attribute (registry order) from a long frame with columns attribute, true, pred
     (pred NaN = the reply held no number): r2 and mae over the parsed replies, n = replies
@@ -43,12 +53,7 @@ def r2_table(pred: pd.DataFrame) -> pd.DataFrame:
 
     Columns: attribute, r2, mae, n, unparsed — the layout of runs/<profile>/metrics/r2.csv.
     """
-    missing = {"attribute", "true", "pred"} - set(pred.columns)
-    if missing:
-        raise KeyError(f"r2_table: prediction frame lacks column(s) {sorted(missing)}")
-    unknown = set(pred.attribute) - set(attributes.NAMES)
-    if unknown:
-        raise KeyError(f"r2_table: unknown attribute(s) {sorted(unknown)}")
+    _check_predictions(pred, "r2_table")
     rows = []
     for name in attributes.NAMES:
         g = pred[pred.attribute == name]
@@ -152,12 +157,7 @@ def r2_parts(y_true, y_pred) -> dict:
 def r2_parts_table(pred: pd.DataFrame) -> pd.DataFrame:
     """r2_parts per attribute (registry order) over the parsed replies of a long prediction frame
     (columns attribute, true, pred): columns attribute, r2, tracked, scale, offset, corr, n."""
-    missing = {"attribute", "true", "pred"} - set(pred.columns)
-    if missing:
-        raise KeyError(f"r2_parts_table: prediction frame lacks column(s) {sorted(missing)}")
-    unknown = set(pred.attribute) - set(attributes.NAMES)
-    if unknown:
-        raise KeyError(f"r2_parts_table: unknown attribute(s) {sorted(unknown)}")
+    _check_predictions(pred, "r2_parts_table")
     rows = []
     for name in attributes.NAMES:
         g = pred[(pred.attribute == name) & pred.pred.notna() & pred.true.notna()]
