@@ -148,7 +148,7 @@ def r2_parts(y_true, y_pred) -> dict:
     sy = y.std()
     sp = p.std() if np.ptp(p) > 0 else 0.0   # a constant's float std can come out as 1e-16
     rho = float(((y - y.mean()) * (p - p.mean())).mean() / (sy * sp)) if sp > 0 else 0.0
-    scale = (rho - sp / sy) ** 2 if sp > 0 else 0.0
+    scale = (rho - sp / sy) ** 2
     offset = ((p.mean() - y.mean()) / sy) ** 2
     return {"r2": rho ** 2 - scale - offset, "tracked": rho ** 2, "scale": float(scale),
             "offset": float(offset), "corr": rho}
