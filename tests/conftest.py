@@ -20,6 +20,18 @@ def fixtures_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def phantom_release():
+    """A function (folder, n, seed, on_error="exclude") -> the Slice3D release of an n-image
+    phantom written into `folder` (one worker, no progress bar)."""
+    def make(folder, n: int, seed: int, on_error: str = "exclude"):
+        from skinlib import phantom, slice3d
+        folder = Path(folder)
+        phantom.generate(n, folder, seed=seed, workers=1, progress=False)
+        return slice3d.Slice3D(folder / "train-image.hdf5", folder / "train-metadata.csv", on_error=on_error)
+    return make
+
+
+@pytest.fixture(scope="session")
 def smoke_run(tmp_path_factory):
     """The whole chain on the smoke profile, executed once per session by papermill."""
     from skinlib import run

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 import torch
 
-from skinlib import answer_format, attributes, metrics, model as mdl, phantom, predict, qa, slice3d, tuples
+from skinlib import answer_format, attributes, metrics, model as mdl, predict, qa, tuples
 from skinlib.answer_format import END, Shape
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
@@ -42,11 +42,9 @@ def test_shapes_follow_the_training_answers_and_name_a_bad_one():
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, phantom_release):
     torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("phantom")
-    phantom.generate(8, out, seed=5, workers=1, progress=False)
-    release = slice3d.Slice3D(out / "train-image.hdf5", out / "train-metadata.csv", on_error="exclude")
+    release = phantom_release(tmp_path_factory.mktemp("phantom"), 8, seed=5)
     loaded = mdl.load(mdl.build_tiny(tmp_path_factory.mktemp("tiny"), seed=0))
     return release, loaded
 

@@ -15,17 +15,15 @@ import numpy as np
 import pytest
 import torch
 
-from skinlib import embed as E, inputs, model as mdl, phantom, slice3d
+from skinlib import embed as E, inputs, model as mdl
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def release(tmp_path_factory):
-    out = tmp_path_factory.mktemp("phantom")
-    phantom.generate(6, out, seed=5, workers=1, progress=False)
-    return slice3d.Slice3D(out / "train-image.hdf5", out / "train-metadata.csv", on_error="exclude")
+def release(tmp_path_factory, phantom_release):
+    return phantom_release(tmp_path_factory.mktemp("phantom"), 6, seed=5)
 
 
 @pytest.fixture(scope="module")

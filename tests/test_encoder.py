@@ -10,7 +10,6 @@ import torch
 from PIL import Image
 
 from skinlib import encoder as E
-from skinlib import phantom, slice3d
 
 torch.set_num_threads(1)
 
@@ -20,10 +19,8 @@ TRAIN = {"steps": 40, "batch_size": 32, "lr": 3e-3, "seed": 0, "arch": ARCH}
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    out = tmp_path_factory.mktemp("phantom")
-    phantom.generate(60, out, seed=0, workers=1, progress=False)
-    ds = slice3d.Slice3D(out / "train-image.hdf5", out / "train-metadata.csv")
+def images(tmp_path_factory, phantom_release):
+    ds = phantom_release(tmp_path_factory.mktemp("phantom"), 60, seed=0, on_error="raise")
     ims = [ds.image(i) for i in ds.ids]
     ds.close()
     return ims
@@ -251,9 +248,8 @@ def test_monet_folder_errors(tmp_path, tiny_clip):
         E.load_encoder({"kind": "monet", "name": str(tiny_clip), "size": 3})
 
 
-def test_embed_a_slice3d_release(trained, tmp_path):
-    phantom.generate(4, tmp_path, seed=3, workers=1, progress=False)
-    ds = slice3d.Slice3D(tmp_path / "train-image.hdf5", tmp_path / "train-metadata.csv")
+def test_embed_a_slice3d_release(trained, tmp_path, phantom_release):
+    ds = phantom_release(tmp_path, 4, seed=3, on_error="raise")
     enc = E.ContrastiveEncoder.load(trained, device="cpu")
     np.testing.assert_array_equal(enc.embed(ds, batch_size=3), enc.embed([ds.image(i) for i in ds.ids], batch_size=3))
     ds.close()

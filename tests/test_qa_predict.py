@@ -6,16 +6,14 @@ import pandas as pd
 import pytest
 import torch
 
-from skinlib import attributes, finetune, metrics, model as mdl, phantom, predict, qa, slice3d, split, tuples
+from skinlib import attributes, finetune, metrics, model as mdl, predict, qa, split, tuples
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 
 
 @pytest.fixture(scope="module")
-def release(tmp_path_factory):
-    out = tmp_path_factory.mktemp("phantom")
-    phantom.generate(12, out, seed=3, workers=1, progress=False)
-    return slice3d.Slice3D(out / "train-image.hdf5", out / "train-metadata.csv", on_error="exclude")
+def release(tmp_path_factory, phantom_release):
+    return phantom_release(tmp_path_factory.mktemp("phantom"), 12, seed=3)
 
 
 @pytest.fixture(scope="module")

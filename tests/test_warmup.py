@@ -5,15 +5,13 @@ import pandas as pd
 import pytest
 import torch
 
-from skinlib import model as mdl, phantom, qa, slice3d, tuples, warmup
+from skinlib import model as mdl, qa, tuples, warmup
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, phantom_release):
     torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("phantom")
-    phantom.generate(24, out, seed=5, workers=1, progress=False)
-    ds = slice3d.Slice3D(out / "train-image.hdf5", out / "train-metadata.csv", on_error="exclude")
+    ds = phantom_release(tmp_path_factory.mktemp("phantom"), 24, seed=5)
     path = mdl.build_tiny(tmp_path_factory.mktemp("tiny"), seed=0)
     return ds, path
 
