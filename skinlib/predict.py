@@ -7,9 +7,13 @@ is counted per attribute by `metrics.r2_table` (never dropped silently, never a 
 With `shapes` (`answer_format.shapes` of the training answers) decoding is format-constrained:
 `reply`/`pred` are the constrained readings, and the rows where the constraint stepped in are asked
 again without it, so `free_reply`/`free_pred` always hold the plain greedy readings as well.
+
+`sample` asks the same questions k times, sampling from the model, and reads the k replies as their
+median: a diagnostic of what greedy decoding leaves out, beside (never instead of) the greedy R².
 """
 from __future__ import annotations
 
+import json
 from typing import Mapping
 
 import numpy as np
@@ -31,11 +35,13 @@ def max_answer_tokens(tokenizer, names=None, margin: int = 2) -> int:
 
 @torch.no_grad()
 def generate(model, tokenizer, image_processor, images, questions, max_new_tokens: int,
-             row_shapes=None) -> list[str] | tuple[list[str], list[bool]]:
+             row_shapes=None, sample: bool = False) -> list[str] | tuple[list[str], list[bool]]:
     """Greedy replies, one per (image, question) row; left padding makes batching exact.
 
     With `row_shapes` (one `answer_format.Shape` per row) each reply is held to its shape, and
-    (replies, overridden) is returned: overridden[i] when the constraint changed row i's reply."""
+    (replies, overridden) is returned: overridden[i] when the constraint changed row i's reply.
+    With `sample`, each row's reply is drawn from the model's own distribution instead (temperature
+    1, no top-k or top-p cut; within the shape when constrained), with torch's random state."""
     from transformers import LogitsProcessorList
 
     batch = build_batch(tokenizer, image_processor, images, questions)
@@ -45,11 +51,35 @@ def generate(model, tokenizer, image_processor, images, questions, max_new_token
     if row_shapes is not None:
         constraint = answer_format.FormatConstraint(tokenizer, row_shapes, batch["input_ids"].shape[1])
         extra["logits_processor"] = LogitsProcessorList([constraint])
-    out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                         pad_token_id=tokenizer.pad_token_id, **extra)
+    if sample:   # explicit: a checkpoint's generation_config may carry other sampling defaults
+        extra.update(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
+    else:
+        extra.update(do_sample=False)
+    out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **extra)
     new = out[:, batch["input_ids"].shape[1]:]
     replies = [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
     return (replies, constraint.overridden) if row_shapes is not None else replies
+
+
+def _asked(tokenizer, truth: pd.DataFrame, atts, names, max_new_tokens, shapes):
+    """The (image, attribute) rows to ask, image-major, with their questions and the reply budget.
+    An attribute whose true value is NaN (excluded for that image) is not asked."""
+    long = truth.melt(id_vars=["isic_id"], value_vars=[a.name for a in atts], var_name="attribute",
+                      value_name="true").dropna(subset=["true"])
+    # image-major order: consecutive rows share an image, so a batch touches few images
+    order = {a.name: j for j, a in enumerate(atts)}
+    ids = {i: j for j, i in enumerate(truth.isic_id)}
+    long = long.assign(_i=long.isic_id.map(ids), _a=long.attribute.map(order)).sort_values(["_i", "_a"])
+    long = long.drop(columns=["_i", "_a"]).reset_index(drop=True)
+    questions = long.attribute.map({a.name: a.question for a in atts}).tolist()
+    max_new_tokens = max_new_tokens or max_answer_tokens(tokenizer, names)
+    if shapes is not None:
+        missing = sorted(set(long.attribute) - set(shapes))
+        if missing:
+            raise KeyError(f"format constraint: no answer shape for attribute(s) {missing} "
+                           "(no training answers of them?)")
+        max_new_tokens = max(max_new_tokens, max(s.max_width + s.decimals + 3 for s in shapes.values()))
+    return long, questions, max_new_tokens
 
 
 def predict(model, tokenizer, image_processor, images: Mapping, truth: pd.DataFrame, names=None,
@@ -67,21 +97,7 @@ def predict(model, tokenizer, image_processor, images: Mapping, truth: pd.DataFr
     from tqdm.auto import tqdm
 
     atts = attributes.resolve(names)
-    long = truth.melt(id_vars=["isic_id"], value_vars=[a.name for a in atts], var_name="attribute",
-                      value_name="true").dropna(subset=["true"])
-    # image-major order: consecutive rows share an image, so a batch touches few images
-    order = {a.name: j for j, a in enumerate(atts)}
-    ids = {i: j for j, i in enumerate(truth.isic_id)}
-    long = long.assign(_i=long.isic_id.map(ids), _a=long.attribute.map(order)).sort_values(["_i", "_a"])
-    long = long.drop(columns=["_i", "_a"]).reset_index(drop=True)
-    questions = long.attribute.map({a.name: a.question for a in atts}).tolist()
-    max_new_tokens = max_new_tokens or max_answer_tokens(tokenizer, names)
-    if shapes is not None:
-        missing = sorted(set(long.attribute) - set(shapes))
-        if missing:
-            raise KeyError(f"format constraint: no answer shape for attribute(s) {missing} "
-                           "(no training answers of them?)")
-        max_new_tokens = max(max_new_tokens, max(s.max_width + s.decimals + 3 for s in shapes.values()))
+    long, questions, max_new_tokens = _asked(tokenizer, truth, atts, names, max_new_tokens, shapes)
     was_training = model.training
     model.eval()
     replies: list[str] = []
@@ -113,6 +129,56 @@ def predict(model, tokenizer, image_processor, images: Mapping, truth: pd.DataFr
     long["pred"] = [read[a](r) for a, r in zip(long.attribute, long.reply)]
     long["free_pred"] = [read[a](r) for a, r in zip(long.attribute, long.free_reply)]
     return long[["isic_id", "attribute", "true", "reply", "pred", "overridden", "free_reply", "free_pred"]]
+
+
+def sample(model, tokenizer, image_processor, images: Mapping, truth: pd.DataFrame, k: int = 16,
+           seed: int = 0, names=None, batch_size: int = 64, max_new_tokens: int | None = None,
+           progress: bool = True, shapes: Mapping | None = None) -> pd.DataFrame:
+    """`k` replies per (image, question) drawn from the model's own answer distribution, read
+    together as their median: what the model's whole distribution says, where greedy decoding
+    takes only its likeliest first character and then the likeliest continuation.
+
+    Rows as in `predict` (with `shapes`, every sample is held to its attribute's shape). A batch
+    holds `batch_size // k` questions, each repeated k times; batch b is drawn with torch seed
+    `seed + b` and torch's own random state is left as it was, so the result depends on the seed
+    and batch size only. Returns one row per (image, attribute): isic_id, attribute, true, pred
+    (median of the samples that are a number; NaN when none is), samples (the k replies as a JSON
+    list), parsed (samples that are a number, of k).
+    """
+    from tqdm.auto import tqdm
+
+    if k < 1:
+        raise ValueError(f"sample: k must be at least 1, got {k}")
+    atts = attributes.resolve(names)
+    long, questions, max_new_tokens = _asked(tokenizer, truth, atts, names, max_new_tokens, shapes)
+    read = {a.name: a.read_answer for a in atts}
+    per = max(1, batch_size // k)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    medians, texts, parsed = [], [], []
+    try:
+        for b, s in enumerate(tqdm(range(0, len(long), per), desc="sample", unit="batch", disable=not progress)):
+            rows = long.iloc[s:s + per]
+            imgs = [images[i] for i in rows.isic_id]   # each image read once, not k times
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(seed + b)
+                got = generate(model, tokenizer, image_processor, [im for im in imgs for _ in range(k)],
+                               [q for q in questions[s:s + per] for _ in range(k)], max_new_tokens,
+                               row_shapes=None if shapes is None else [shapes[a] for a in rows.attribute for _ in range(k)],
+                               sample=True)
+            replies = got[0] if shapes is not None else got
+            for j, att in enumerate(rows.attribute):
+                mine = replies[j * k:(j + 1) * k]
+                vals = np.array([read[att](r) for r in mine], float)
+                ok = np.isfinite(vals)
+                medians.append(float(np.median(vals[ok])) if ok.any() else float("nan"))
+                texts.append(json.dumps(mine))
+                parsed.append(int(ok.sum()))
+    finally:
+        model.train(was_training)
+    return long.assign(pred=medians, samples=texts, parsed=parsed)[
+        ["isic_id", "attribute", "true", "pred", "samples", "parsed"]]
 
 
 def free_readings(pred: pd.DataFrame) -> pd.DataFrame:

@@ -105,3 +105,79 @@ def test_shapes_of_real_training_tuples_match_every_answer(setup):
     assert set(shapes) == set(tup.attribute)
     assert all(shapes[a].matches(t) for a, t in zip(tup.attribute, tup.answer))
     assert all(re.fullmatch(r"-?\d+(\.\d+)?", t) for t in tup.answer)
+
+
+def test_sampled_replies_are_in_shape_seeded_and_read_as_their_median(setup):
+    """k replies per question drawn from the model, held to the shape; `pred` is the median of
+    their readings; a seed gives the same draws, another seed others; torch's state is untouched."""
+    import json
+    release, loaded = setup
+    frame = release.attribute_frame().head(2)
+    names = ["areaMM2", "deltaB"]
+    shapes = {n: Shape(1, 2, attributes.get(n).decimals, n == "deltaB") for n in names}
+    cache = qa.ImageCache(release, loaded.image_processor)
+    args = (loaded.model, loaded.tokenizer, loaded.image_processor, cache, frame)
+    state = torch.get_rng_state()
+    got = predict.sample(*args, k=8, seed=0, names=names, batch_size=16, shapes=shapes, progress=False)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert len(got) == 4 and list(got.columns) == ["isic_id", "attribute", "true", "pred", "samples", "parsed"]
+    for r in got.itertuples():
+        replies = json.loads(r.samples)
+        assert len(replies) == 8 and all(shapes[r.attribute].matches(x) for x in replies), replies
+        vals = [attributes.get(r.attribute).read_answer(x) for x in replies]
+        assert r.parsed == 8 and r.pred == pytest.approx(float(np.median(vals)))
+        assert r.true == frame.set_index("isic_id").loc[r.isic_id, r.attribute]
+    assert got.samples.map(lambda s: len(set(json.loads(s))) > 1).any(), "sampling, not greedy"
+    again = predict.sample(*args, k=8, seed=0, names=names, batch_size=16, shapes=shapes, progress=False)
+    pd.testing.assert_frame_equal(got, again)
+    other = predict.sample(*args, k=8, seed=1, names=names, batch_size=16, shapes=shapes, progress=False)
+    assert (other.samples != got.samples).any()
+    with pytest.raises(ValueError, match="k must be"):
+        predict.sample(*args, k=0, names=names, progress=False)
+
+
+def test_samples_follow_the_models_own_first_character_probabilities(setup):
+    """Temperature 1 and no top-k/top-p cut: the first characters of many samples of one question
+    come with the probabilities the model gives them within the shape (softmax over the allowed
+    characters of its logits at the reply's first position). The random-init model's head is
+    scaled by 10 so that those probabilities differ clearly (0.47 down to 0.001): a sampler with
+    another temperature or a top-p cut would then miss them."""
+    import copy
+    import json
+    from skinlib.inputs import build_batch
+    release, loaded = setup
+    net = copy.deepcopy(loaded.model)
+    with torch.no_grad():
+        net.lm_head.weight.mul_(10.0)
+    frame = release.attribute_frame().head(1)
+    att = attributes.get("deltaB")
+    shape = Shape(1, 2, att.decimals, True)
+    cache = qa.ImageCache(release, loaded.image_processor)
+    k = 600
+    got = predict.sample(net, loaded.tokenizer, loaded.image_processor, cache, frame, k=k,
+                         names=[att.name], batch_size=k, shapes={att.name: shape}, progress=False)
+    first = pd.Series([r[0] for r in json.loads(got.samples.iloc[0])]).value_counts(normalize=True)
+    ids = answer_format.character_ids(loaded.tokenizer)
+    chars = shape.allowed("")
+    batch = build_batch(loaded.tokenizer, loaded.image_processor, [cache[frame.isic_id.iloc[0]]], [att.question])
+    with torch.no_grad():
+        logits = net(**batch).logits[0, -1]
+    probs = torch.softmax(logits[[ids[c] for c in chars]], -1).numpy()
+    freq = first.reindex(list(chars)).fillna(0).to_numpy()
+    assert probs.max() > 0.3 and (probs > 0.05).sum() >= 3, f"the test needs a spread of probabilities: {probs}"
+    np.testing.assert_allclose(freq, probs, atol=0.05)
+
+
+def test_unparsed_samples_are_counted_and_an_unread_question_is_nan(setup):
+    """Unconstrained, a random-init model's samples are mostly not numbers: they are counted in
+    `parsed`, and a question none of whose samples is a number has pred NaN, which r2_table reports
+    as unparsed."""
+    release, loaded = setup
+    frame = release.attribute_frame().head(2)
+    cache = qa.ImageCache(release, loaded.image_processor)
+    got = predict.sample(loaded.model, loaded.tokenizer, loaded.image_processor, cache, frame, k=3,
+                         names=["areaMM2", "B"], batch_size=6, progress=False)
+    assert (got.parsed < 3).any()
+    assert got.pred.isna().equals(got.parsed == 0)
+    r2 = metrics.r2_table(got)
+    assert r2.unparsed.sum() == int((got.parsed == 0).sum())

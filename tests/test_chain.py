@@ -26,6 +26,12 @@ def test_every_stage_executes_and_leaves_its_artifacts(smoke_run):
     assert len(manifest) == config.load_profile("smoke")["data"]["n_images"]
     assert set(manifest.split) == {"train", "test"}
     assert config.exclusions_path(out).exists()
+    # chapter 3's sampled reading: k replies per question on the profile's first test images
+    import pandas as pd
+    scfg = config.load_profile("smoke")["predict"]["sample"]
+    sampled = pd.read_csv(config.stage_dir(out, "03_predict") / "sampled.csv")
+    assert sampled.isic_id.nunique() == scfg["n_images"]
+    assert sampled.samples.map(lambda s: len(json.loads(s)) == scfg["k"]).all()
 
 
 def test_fine_tuning_ran_as_two_accelerate_processes(smoke_run):
