@@ -32,7 +32,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from IPython.display import display
 
-from skinlib import config, embed, figures, metrics, model as models, qa, slice3d, split, study
+from skinlib import config, embed, figures, metrics, model as models, qa, slice3d, split, study, tuples
 
 cfg = config.load_profile(profile)
 ecfg = config.section(cfg, "embed", n_queries=n_queries, batch_size=batch_size)
@@ -129,8 +129,10 @@ plt.show()
 # so, as the default does; chapter 3 shows the plain ones beside them). The vectors can be scored
 # as well: a ridge regression fitted on the database vectors (training images) and scored on the
 # query images gives the share of each attribute that a *linear* read-out of the last layer holds
-# — of h_im,a (the attribute's own question) and of h_im. Where the read-out beats the answers, the language model's digits lose what
-# its last layer holds; where all three are low, the image features never held the attribute.
+# — of h_im,a (the attribute's own question) and of h_im. Where the read-out beats the answers, the
+# language model's digits lose what its last layer holds (chapter 3's median of sampled replies
+# shows how much of it the model's own answer distribution still carries); where all three are
+# low, the image features never held the attribute.
 
 # %%
 ids_q, arr_q = study.load_vectors(run, "tuned_queries")
@@ -144,3 +146,17 @@ plt.show()
 med = table.groupby("kind").r2.median()
 print(f"median R² over the 16 attributes: answers {med['answers']:.2f}, read-out of h_im,a "
       f"{med['image_text']:.2f}, of h_im {med['image']:.2f}")
+
+# %% [markdown]
+# The read-out above learns every attribute from every training image, while the language model was
+# taught each attribute only on the training images whose tuples asked it (W of 16 per image). Fitted
+# on those images alone, the read-out of h_im shows whether that smaller set of answers is what holds
+# the replies back.
+
+# %%
+asked = tuples.asked_rows(pd.read_parquet(config.tuples_path(run)), ids_db)
+taught = metrics.readout_table({"image": arr["image"]}, vals, {"image": arr_q["image"]},
+                               q.set_index("isic_id").loc[ids_q], fit_rows=asked)
+print(f"read-out of h_im fitted on the images that asked each attribute ({taught.n_train.min():,} to "
+      f"{taught.n_train.max():,} per attribute, of {len(ids_db):,}): median R² {taught.r2.median():.2f}, "
+      f"against {med['image']:.2f} fitted on all; the answers: {med['answers']:.2f}")

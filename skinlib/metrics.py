@@ -100,15 +100,25 @@ def ridge_readout_r2(x_train, y_train, x_test, y_test, lam: float = 1e-2) -> tup
 
 
 def readout_table(db_vectors: dict, db_values: pd.DataFrame, query_vectors: dict, query_values: pd.DataFrame,
-                  names=None, lam: float = 1e-2) -> pd.DataFrame:
+                  names=None, lam: float = 1e-2, fit_rows: dict | None = None) -> pd.DataFrame:
     """Per attribute and kind of vector, the test R² of a ridge read-out fitted on the database
     (training images) and scored on the queries (test images). A kind's array is (n, d), one vector
     per image (h_im), or (n, 16, d), one per attribute in registry order (h_im,a: attribute a reads
     its own question's vector). Value frames hold the attribute short names, one row per vector.
-    Columns: attribute, kind, r2, n_train, n_test."""
+    `fit_rows` ({attribute: boolean array over the database rows}) fits an attribute on those rows
+    only, e.g. the training images whose tuples asked it. Columns: attribute, kind, r2, n_train, n_test."""
     atts = attributes.resolve(names)
     if set(db_vectors) != set(query_vectors):
         raise KeyError(f"readout_table: database kinds {sorted(db_vectors)} differ from query kinds {sorted(query_vectors)}")
+    if fit_rows is not None:
+        unknown = set(fit_rows) - {a.name for a in atts}
+        missing = {a.name for a in atts} - set(fit_rows)
+        if unknown or missing:
+            raise KeyError(f"readout_table: fit_rows has unknown attribute(s) {sorted(unknown)} and lacks {sorted(missing)}")
+        bad = {k: len(v) for k, v in fit_rows.items() if np.asarray(v).dtype != bool or len(v) != len(db_values)}
+        if bad:
+            raise ValueError(f"readout_table: fit_rows must be boolean arrays of {len(db_values)} database rows; "
+                             f"not so for {sorted(bad)}")
     rows = []
     for kind, xd in db_vectors.items():
         xq = query_vectors[kind]
@@ -123,7 +133,11 @@ def readout_table(db_vectors: dict, db_values: pd.DataFrame, query_vectors: dict
                 a, b = xd[:, j], xq[:, j]
             else:
                 a, b = xd, xq
-            r2, ntr, nte = ridge_readout_r2(a, db_values[att.name], b, query_values[att.name], lam=lam)
+            y = db_values[att.name].to_numpy()
+            if fit_rows is not None:
+                keep = np.asarray(fit_rows[att.name])
+                a, y = a[keep], y[keep]
+            r2, ntr, nte = ridge_readout_r2(a, y, b, query_values[att.name], lam=lam)
             rows.append({"attribute": att.name, "kind": kind, "r2": r2, "n_train": ntr, "n_test": nte})
     return pd.DataFrame(rows, columns=["attribute", "kind", "r2", "n_train", "n_test"])
 

@@ -50,3 +50,14 @@ def all_questions(frame: pd.DataFrame, names=None) -> pd.DataFrame:
                       var_name="attribute", value_name="true")
     long["question"] = long.attribute.map({a.name: a.question for a in atts})
     return long
+
+
+def asked_rows(tup: pd.DataFrame, ids, names=None) -> dict[str, np.ndarray]:
+    """{attribute: boolean array over `ids`}: which of these images a tuple asked the attribute,
+    i.e. where the model was taught it (for a read-out fitted on the same answers)."""
+    atts = attributes.resolve(names)
+    unknown = set(tup.attribute) - set(attributes.NAMES)
+    if unknown:
+        raise KeyError(f"asked_rows: tuples name unknown attribute(s) {sorted(unknown)}")
+    ids = pd.Index(ids)
+    return {a.name: ids.isin(set(tup.isic_id[tup.attribute == a.name])) for a in atts}

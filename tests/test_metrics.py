@@ -83,6 +83,20 @@ def test_readout_table_reads_each_attribute_from_its_own_question_vector():
         metrics.readout_table(dx, dv, {"image": qx["image"]}, qv, names=names)
     with pytest.raises(ValueError, match="'image' has 300 / 99 vectors"):
         metrics.readout_table({"image": dx["image"]}, dv, {"image": qx["image"][:99]}, qv, names=names)
+    # fitted on chosen database rows only: the same as a read-out of those rows alone
+    rows = {n: rng.random(300) < 0.4 for n in names}
+    part = metrics.readout_table(dx, dv, qx, qv, names=names, fit_rows=rows)
+    for r in part.itertuples():
+        x = dx[r.kind][:, metrics.attributes.NAMES.index(r.attribute)] if r.kind == "image_text" else dx[r.kind]
+        xq = qx[r.kind][:, metrics.attributes.NAMES.index(r.attribute)] if r.kind == "image_text" else qx[r.kind]
+        m = rows[r.attribute]
+        want = metrics.ridge_readout_r2(x[m], dv[r.attribute][m], xq, qv[r.attribute])
+        assert (r.r2, r.n_train, r.n_test) == pytest.approx(want) and r.n_train == m.sum()
+    assert (part.set_index(["attribute", "kind"]).r2 != t.set_index(["attribute", "kind"]).r2).all()
+    with pytest.raises(KeyError, match="lacks \\['norm_border'\\]"):
+        metrics.readout_table(dx, dv, qx, qv, names=names, fit_rows={n: rows[n] for n in names[:2]})
+    with pytest.raises(ValueError, match="boolean arrays of 300"):
+        metrics.readout_table(dx, dv, qx, qv, names=names, fit_rows={**rows, "B": rows["B"][:10]})
 
 
 def test_r2_parts_add_up_to_r2_and_name_the_loss():

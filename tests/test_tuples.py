@@ -52,3 +52,18 @@ def test_bad_w_and_missing_columns():
         tuples.sample_tuples(frame(3), w=0)
     with pytest.raises(KeyError, match="areaMM2"):
         tuples.sample_tuples(frame(3).drop(columns="areaMM2"))
+
+
+def test_asked_rows_mark_where_each_attribute_was_asked():
+    f = frame(30)
+    tup = tuples.sample_tuples(f, w=5, seed=2)
+    ids = list(f.isic_id[::-1]) + ["ISIC_unseen"]
+    rows = tuples.asked_rows(tup, ids)
+    assert list(rows) == list(attributes.NAMES)
+    for name, m in rows.items():
+        assert m.dtype == bool and len(m) == len(ids) and not m[-1]
+        want = {(i, name) for i in ids} & set(zip(tup.isic_id, tup.attribute))
+        assert {i for i, x in zip(ids, m) if x} == {i for i, _ in want}
+    assert sum(m.sum() for m in rows.values()) == len(tup)
+    with pytest.raises(KeyError, match="nope"):
+        tuples.asked_rows(tup.assign(attribute="nope"), ids)
