@@ -160,7 +160,7 @@ display(Markdown("\n\n".join(lines)))
 scfg = pcfg.get("sample") or {}
 if scfg.get("k"):
     sub = test.head(scfg["n_images"]) if scfg.get("n_images") else test
-    kept = qa.ImageCache(release, loaded.image_processor, keep=True)   # each image is asked 16 x k times
+    kept = qa.ImageCache(release, loaded.image_processor, keep=True)   # read once per question: decode it once
     sampled = predict.sample(loaded.model, loaded.tokenizer, loaded.image_processor, kept, sub,
                              k=scfg["k"], seed=scfg["seed"], batch_size=scfg["batch_size"], shapes=shapes)
     sampled.to_csv(config.stage_dir(run, "03_predict") / "sampled.csv", index=False)

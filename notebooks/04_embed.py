@@ -136,8 +136,9 @@ plt.show()
 
 # %%
 ids_q, arr_q = study.load_vectors(run, "tuned_queries")
+q_vals = q.set_index("isic_id").loc[ids_q]
 read = metrics.readout_table({k: arr[k] for k in ("image_text", "image")}, vals,
-                             {k: arr_q[k] for k in ("image_text", "image")}, q.set_index("isic_id").loc[ids_q])
+                             {k: arr_q[k] for k in ("image_text", "image")}, q_vals)
 answers = pd.read_csv(config.r2_path(run))[["attribute", "r2"]].assign(kind="answers")
 table = pd.concat([answers, read[["attribute", "kind", "r2"]]], ignore_index=True)
 fig = figures.readout_vs_answers(table, labels={"answers": "answers (chapter 3)",
@@ -155,8 +156,7 @@ print(f"median R² over the 16 attributes: answers {med['answers']:.2f}, read-ou
 
 # %%
 asked = tuples.asked_rows(pd.read_parquet(config.tuples_path(run)), ids_db)
-taught = metrics.readout_table({"image": arr["image"]}, vals, {"image": arr_q["image"]},
-                               q.set_index("isic_id").loc[ids_q], fit_rows=asked)
+taught = metrics.readout_table({"image": arr["image"]}, vals, {"image": arr_q["image"]}, q_vals, fit_rows=asked)
 print(f"read-out of h_im fitted on the images that asked each attribute ({taught.n_train.min():,} to "
       f"{taught.n_train.max():,} per attribute, of {len(ids_db):,}): median R² {taught.r2.median():.2f}, "
       f"against {med['image']:.2f} fitted on all; the answers: {med['answers']:.2f}")

@@ -115,7 +115,7 @@ def readout_table(db_vectors: dict, db_values: pd.DataFrame, query_vectors: dict
         missing = {a.name for a in atts} - set(fit_rows)
         if unknown or missing:
             raise KeyError(f"readout_table: fit_rows has unknown attribute(s) {sorted(unknown)} and lacks {sorted(missing)}")
-        bad = {k: len(v) for k, v in fit_rows.items() if np.asarray(v).dtype != bool or len(v) != len(db_values)}
+        bad = [k for k, v in fit_rows.items() if np.asarray(v).dtype != bool or len(v) != len(db_values)]
         if bad:
             raise ValueError(f"readout_table: fit_rows must be boolean arrays of {len(db_values)} database rows; "
                              f"not so for {sorted(bad)}")
