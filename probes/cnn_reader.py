@@ -64,7 +64,7 @@ bs = 64
 steps = epochs * (len(Xtr) // bs)
 opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
 sch = torch.optim.lr_scheduler.OneCycleLR(opt, 2e-3, total_steps=steps, pct_start=0.1)
-t0 = time.time(); step = 0
+t0 = time.time()
 for ep in range(epochs):
     net.train(); perm = torch.randperm(len(Xtr))
     for b in range(len(Xtr) // bs):
@@ -75,7 +75,7 @@ for ep in range(epochs):
         if torch.rand(1) < 0.5:
             x = x.flip(3)
         loss = (((net(x) - ytr[idx]) ** 2) * mtr[idx]).sum() / mtr[idx].sum()
-        opt.zero_grad(); loss.backward(); opt.step(); sch.step(); step += 1
+        opt.zero_grad(); loss.backward(); opt.step(); sch.step()
     print(f"epoch {ep} loss {loss.item():.3f} {time.time() - t0:.0f}s", flush=True)
 net.eval()
 with torch.no_grad():
