@@ -267,3 +267,66 @@ def benchmark_ratios(bench: pd.DataFrame):
     ax.set(xlabel="ratio = baseline seconds / ours (log; > 1: ours faster or within the goal)")
     fig.tight_layout()
     return fig
+
+
+VERDICT_COLORS = {"holds": "C2", "not separable": "0.55", "reversed": "C3"}
+
+
+def r2_readings(r2: pd.DataFrame, order=None, labels: dict | None = None, floor: float = -0.2,
+                paper_range: tuple[float, float] | None = (0.71, 0.96)):
+    """Fig. 2 with its uncertainty: R² per attribute (registry order), one bar per reading (column
+    `reading`) with its patient-bootstrap interval (`r2_lo`, `r2_hi`) as an error bar. Bars below
+    the floor are cut and labelled; the legend sits above the axes, clear of the bars."""
+    order = order or list(dict.fromkeys(r2.reading))
+    names = [n for n in attributes.NAMES if n in set(r2.attribute)]
+    fig, ax = plt.subplots(figsize=(11, 4.2))
+    if paper_range:
+        ax.axhspan(*paper_range, color="0.9", zorder=0, label=f"paper: {paper_range[0]}–{paper_range[1]}")
+    width = 0.8 / len(order)
+    for j, reading in enumerate(order):
+        g = r2[r2.reading == reading].set_index("attribute").reindex(names)
+        x = np.arange(len(names)) + (j - (len(order) - 1) / 2) * width
+        v = g.r2.to_numpy(float)
+        shown = np.clip(np.nan_to_num(v, nan=floor), floor, None)
+        ax.bar(x, shown - floor, bottom=floor, width=width, color=f"C{j}", zorder=2,
+               label=(labels or {}).get(reading, reading))
+        if {"r2_lo", "r2_hi"} <= set(g.columns):
+            lo = np.clip(g.r2_lo.to_numpy(float), floor, None)
+            hi = np.clip(g.r2_hi.to_numpy(float), floor, None)
+            ok = np.isfinite(lo) & np.isfinite(hi) & np.isfinite(v) & (v >= floor)
+            ax.errorbar(x[ok], shown[ok], yerr=[shown[ok] - lo[ok], hi[ok] - shown[ok]], fmt="none",
+                        ecolor="0.15", elinewidth=0.8, capsize=1.5, zorder=3)
+        _label_cut(ax, x, v, floor)
+    _r2_axes(ax, names, floor, ncols=len(order) + bool(paper_range))
+    fig.tight_layout()
+    return fig
+
+
+def ordering_differences(table: pd.DataFrame, labels: dict | None = None, margin: float = 2.0):
+    """The Fig. 4 ordering as paired differences: one panel per comparison, per attribute the
+    difference of median percentiles (A − B) with its bootstrap interval, coloured by verdict.
+    Below zero: A retrieves closer values. The `within` comparison shades its ±margin band."""
+    comps = list(dict.fromkeys(table.comparison))
+    names = [n for n in attributes.NAMES if n in set(table.attribute)]
+    fig, axes = plt.subplots(1, len(comps), figsize=(3.1 * len(comps), 0.28 * len(names) + 1.6),
+                             sharey=True, squeeze=False)
+    for ax, comp in zip(axes[0], comps):
+        g = table[table.comparison == comp].set_index("attribute").reindex(names)
+        y = np.arange(len(names))
+        if "~" in comp:
+            ax.axvspan(-margin, margin, color="0.9", zorder=0)
+        ax.axvline(0, color="0.3", lw=0.7)
+        for verdict, color in VERDICT_COLORS.items():
+            m = (g.verdict == verdict).to_numpy()
+            if m.any():
+                d = g.difference.to_numpy(float)[m]
+                ax.errorbar(d, y[m], xerr=[d - g.lo.to_numpy(float)[m], g.hi.to_numpy(float)[m] - d],
+                            fmt="o", ms=3.5, color=color, elinewidth=1, capsize=1.5, label=verdict)
+        ax.set_title((labels or {}).get(comp, comp), fontsize=9)
+        ax.set_xlabel("difference of median percentiles", fontsize=8)
+        ax.set_yticks(y, names, fontsize=8)
+    axes[0, 0].invert_yaxis()   # registry order top to bottom (the y axis is shared)
+    handles = [plt.Line2D([], [], marker="o", ls="", color=c) for c in VERDICT_COLORS.values()]
+    fig.legend(handles, list(VERDICT_COLORS), loc="upper center", ncol=3, frameon=False, fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    return fig

@@ -42,3 +42,37 @@ def test_r2_parts_figure_stacks_the_losses_up_to_the_correlation():
     cut = figures.r2_parts(t.assign(r2=[0.5, -3.0], offset=[0.1, 3.0]), floor=-0.5).axes[0]
     assert "-3.0" in [x.get_text() for x in cut.texts]
     assert min(p.get_y() for p in cut.patches) >= -0.5
+
+
+def test_r2_readings_figure_draws_each_reading_with_its_interval_and_a_legend_clear_of_the_bars():
+    t = pd.DataFrame({"attribute": ["B", "areaMM2"] * 2, "reading": ["greedy"] * 2 + ["median"] * 2,
+                      "r2": [0.5, -3.0, 0.7, 0.9], "r2_lo": [0.4, -3.5, 0.6, 0.85], "r2_hi": [0.6, -2.5, 0.8, 0.95]})
+    fig = figures.r2_readings(t, labels={"median": "median of the distribution"})
+    ax = fig.axes[0]
+    tops = sorted(round(p.get_y() + p.get_height(), 3) for p in ax.patches if p.get_width() < 1)
+    assert tops == [-0.2, 0.5, 0.7, 0.9]                       # the -3.0 bar cut at the floor
+    assert "-3.0" in [x.get_text() for x in ax.texts]
+    segments = [s for c in ax.collections for s in c.get_segments()]
+    spans = sorted(round(float(s[1][1] - s[0][1]), 3) for s in segments)
+    assert spans == [0.1, 0.2, 0.2]                            # no bar for the interval below the floor
+    assert [x.get_text() for x in ax.get_xticklabels()] == ["areaMM2", "B"]
+    fig.canvas.draw()
+    legend = ax.get_legend().get_window_extent()
+    assert legend.y0 >= ax.get_window_extent().y1 - 1         # above the plot, not over the bars
+
+
+def test_ordering_figure_colours_each_attribute_by_its_verdict():
+    t = pd.DataFrame({"attribute": ["areaMM2", "B", "areaMM2", "B"],
+                      "comparison": ["image_text<image"] * 2 + ["hierarchical~image_text"] * 2,
+                      "difference": [-5.0, 1.0, 0.5, 3.0], "lo": [-7.0, -1.0, -1.0, 2.5],
+                      "hi": [-3.0, 3.0, 1.5, 3.5], "verdict": ["holds", "not separable", "holds", "reversed"]})
+    fig = figures.ordering_differences(t)
+    assert [ax.get_title() for ax in fig.axes] == ["image_text<image", "hierarchical~image_text"]
+    for ax, comp in zip(fig.axes, ["image_text<image", "hierarchical~image_text"]):
+        g = t[t.comparison == comp]
+        drawn = {}
+        for line in (ln for ln in ax.lines if ln.get_marker() == "o"):   # not the interval caps
+            for x, y in zip(line.get_xdata(), line.get_ydata()):
+                drawn[int(y)] = (float(x), line.get_color())
+        want = {i: (d, figures.VERDICT_COLORS[v]) for i, (d, v) in enumerate(zip(g.difference, g.verdict))}
+        assert drawn == want
