@@ -31,7 +31,7 @@ b = None
 import matplotlib.pyplot as plt
 from IPython.display import Markdown, display
 
-from skinlib import config, evaluate, figures, model as models, qa, slice3d, split, study
+from skinlib import config, evaluate, figures, intervals, model as models, qa, slice3d, split, study
 
 cfg = config.load_profile(profile)
 rcfg = config.section(cfg, "retrieval", k=k, b=b)
@@ -55,6 +55,7 @@ vec = {"db_image": db_vec["image"], "q_image": q_vec["image"],
 q_frame = manifest.set_index("isic_id").loc[q_ids].reset_index()
 db_frame = db_frame.set_index("isic_id").loc[db_ids].reset_index()
 multi = list(cfg["embed"]["multi"])
+patient_of = manifest.set_index("isic_id").patient_id   # intervals resample patients, not lesions
 print(f"{len(q_ids):,} queries against {len(db_ids):,} database images; k = {rcfg['k']}, b = {rcfg['b']}")
 
 # %% [markdown]
@@ -73,7 +74,7 @@ results, cost = study.run_methods(db_ids, q_ids, vec, k=rcfg["k"], b=rcfg["b"], 
 long = study.score(results, db_frame, q_frame)
 config.percentiles_path(run).parent.mkdir(parents=True, exist_ok=True)
 long.to_parquet(config.percentiles_path(run), index=False)
-summary = evaluate.summary(long)
+summary = intervals.summary_with_intervals(evaluate.summary(long), long, patient_of, seed=cfg["seed"])
 config.metrics_dir(run).mkdir(parents=True, exist_ok=True)
 summary.to_csv(config.retrieval_path(run), index=False)
 print(f"{len(long):,} scored cells -> {config.percentiles_path(run)}\nmedians -> {config.retrieval_path(run)}")
@@ -94,42 +95,25 @@ paper_long = long[long.method.isin(study.PAPER_METHODS) & long.percentile.notna(
 fig = figures.percentile_boxes(paper_long, order=list(study.PAPER_METHODS), labels=study.LABELS)
 plt.show()
 
+# %% [markdown]
+# ## How firm is the ordering?
+#
+# A median over a few hundred queries moves with the queries drawn, and lesions of one patient are
+# not independent. Each comparison of the paper's ordering is therefore made on the same bootstrap
+# resamples of test *patients* (`skinlib.intervals`): the difference of the two methods' median
+# percentiles, with its 95% interval. A verdict *holds* when the whole interval lies on the paper's
+# side of zero (for "hierarchical ≈ image+text": within 2 points), is *reversed* when it lies wholly
+# on the other side, and is *not separable* when it straddles.
+
 # %%
-check = study.ordering_check(summary)
-wins = study.ordering_counts(check)
+order_table = intervals.ordering(long, patient_of, seed=cfg["seed"])
+order_table.to_csv(config.ordering_path(run), index=False)
+fig = figures.ordering_differences(order_table, labels=intervals.COMPARISON_LABELS)
+plt.show()
 display(Markdown(
     "**The paper** (Fig. 4, real SLICE-3D, Qwen2-VL-7B): image+text retrieval gives the lowest "
     "percentiles for every attribute, hierarchical is close to it, then image-only, then the untuned "
-    "model and MONET. **This run**: " + wins))
-display(check)
-
-# %% [markdown]
-# **How firm the count is.** The image+text vs image-only differences are a point or two for many
-# attributes, and the count of attributes in the paper's full order moves with the training seed
-# alone. Full book runs of the default profile, changing only `train.seed` and `train.tuple_seed`,
-# with two ways of packing the training tuples (chapter 2):
-#
-# | packing | seed | test R² median | attributes in full order |
-# |---|---|---|---|
-# | multi-turn chat (earlier version) | 0 | 0.65 | 15 of 16 |
-# | multi-turn chat (earlier version) | 1 | 0.61 | 12 of 16 |
-# | each tuple alone (this version) | 0 | 0.70 | 11 of 16 |
-# | each tuple alone (this version) | 1 | 0.69 | 14 of 16 |
-# | each tuple alone, seed 0 again, on another CPU | 0 | 0.63 | 13 of 16 |
-#
-# R² is that of the plain greedy replies, as every run above had them; chapter 3 now also holds
-# the replies to the answers' shape, which lifted the last run from 0.63 to 0.68.
-#
-# The R² gain of isolating the tuples held for both seeds; the ordering count moved by 3 between
-# the seeds within each way of packing, more than its mean differs between the two ways (13.5 and
-# 12.5 over the first four runs). The last row repeats the third with the same code, profile and
-# seeds on a machine with another CPU (AMD EPYC; the first four ran on Intel Xeon), and did not
-# reproduce it: the R² median moved by 0.07 and the count by 2. On one machine a run is exact: two
-# fresh runs there gave bit-identical fine-tuned weights. So the machine's floating-point
-# arithmetic alone moves these figures about as much as the training seed does. Image-only beat
-# the untuned model in 15 or 16 attributes and hierarchical stayed within 2 points of image+text
-# for all 16 in all five runs; stdLExt, which no run's model reads from the image (chapter 4),
-# failed the full order in all five.
+    "model and MONET. **This run**: " + intervals.ordering_sentence(order_table)))
 
 # %% [markdown]
 # ## Fig. 3: what the two kinds of retrieval return

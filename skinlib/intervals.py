@@ -30,6 +30,10 @@ COMPARISONS = (
     ("image<baseline_encoder", "image", "baseline_encoder", "less"),
     ("hierarchical~image_text", "hierarchical", "image_text", "within"),
 )
+COMPARISON_LABELS = {
+    "image_text<image": "(a) image+text − (c) image", "image<image_untuned": "(c) image − (d) untuned",
+    "image<baseline_encoder": "(c) image − (e) encoder", "hierarchical~image_text": "(b) hierarchical − (a)",
+}
 WITHIN = 2.0   # percentile points: "hierarchical is close to image+text"
 VERDICTS = ("holds", "not separable", "reversed")
 ORDERING_COLUMNS = ["attribute", "comparison", "difference", "lo", "hi", "verdict"]
@@ -153,6 +157,18 @@ def median_intervals(long: pd.DataFrame, patient_of: Mapping, n_boot: int = N_BO
     return pd.DataFrame(rows, columns=["method", "attribute", "median_percentile", "lo", "hi"])
 
 
+def summary_with_intervals(summary: pd.DataFrame, long: pd.DataFrame, patient_of: Mapping,
+                           n_boot: int = N_BOOT, seed: int = 0, level: float = LEVEL) -> pd.DataFrame:
+    """`evaluate.summary`'s table (metrics/retrieval.csv) with `median_lo`, `median_hi`: the
+    patient-bootstrap interval of each method's median percentile per attribute."""
+    ci = median_intervals(long, patient_of, n_boot, seed, level)
+    ci = ci.rename(columns={"lo": "median_lo", "hi": "median_hi"}).drop(columns="median_percentile")
+    out = summary.merge(ci, on=["method", "attribute"], how="left", validate="one_to_one")
+    if len(out) != len(summary):
+        raise ValueError("summary_with_intervals: the summary and the percentile frame disagree")
+    return out
+
+
 def verdict(kind: str, lo: float, hi: float, margin: float = WITHIN) -> str:
     """holds / not separable / reversed for a paired difference A − B with interval [lo, hi]."""
     if not (np.isfinite(lo) and np.isfinite(hi)):
@@ -194,20 +210,23 @@ _SAY = {
 }
 
 
+def _which(names: list[str], most: int = 8) -> str:
+    return ", ".join(names) if len(names) <= most else f"{len(names)} attributes"
+
+
 def ordering_sentence(table: pd.DataFrame, level: float = LEVEL) -> str:
     """The ordering table in words: per comparison, on how many attributes it holds beyond the
-    bootstrap noise, where it is not separable, and where it is reversed."""
+    bootstrap noise, and where it is not separable or reversed (named when few)."""
     if table.empty:
         return "No comparison could be made (the methods are missing)."
     parts = []
     for comp, g in table.groupby("comparison", sort=False):
-        n = len(g)
         by = {v: g.attribute[g.verdict == v].tolist() for v in VERDICTS}
-        text = f"{_SAY.get(comp, comp)} on {len(by['holds'])} of {n} attributes"
+        text = f"{_SAY.get(comp, comp)} on {len(by['holds'])} of {len(g)} attributes"
         extra = []
         if by["not separable"]:
-            extra.append(f"not separable from noise on {', '.join(by['not separable'])}")
+            extra.append(f"not separable from noise on {_which(by['not separable'])}")
         if by["reversed"]:
-            extra.append(f"reversed beyond noise on {', '.join(by['reversed'])}")
+            extra.append(f"reversed beyond noise on {_which(by['reversed'])}")
         parts.append(text + (f" ({'; '.join(extra)})" if extra else ""))
-    return (f"With {level:.0%} patient-bootstrap intervals: " + "; ".join(parts) + ".")
+    return f"with {level:.0%} patient-bootstrap intervals, " + "; ".join(parts) + "."

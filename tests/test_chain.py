@@ -34,6 +34,25 @@ def test_every_stage_executes_and_leaves_its_artifacts(smoke_run):
     assert sampled.samples.map(lambda s: len(json.loads(s)) == scfg["k"]).all()
 
 
+def test_retrieval_medians_and_the_ordering_carry_their_intervals(smoke_run):
+    import pandas as pd
+    from skinlib import intervals
+    out, _ = smoke_run
+    summary = pd.read_csv(config.retrieval_path(out))
+    assert (summary.median_lo <= summary.median_percentile).all()
+    assert (summary.median_percentile <= summary.median_hi).all()
+    order = pd.read_csv(config.ordering_path(out))
+    assert list(order.columns) == ["attribute", "comparison", "difference", "lo", "hi", "verdict"]
+    assert set(order.comparison) == {c[0] for c in intervals.COMPARISONS}
+    assert set(order.verdict) <= set(intervals.VERDICTS)
+    assert ((order.lo <= order.difference) & (order.difference <= order.hi)).all()
+    # each difference is that of the two medians in retrieval.csv
+    med = summary.set_index(["method", "attribute"]).median_percentile
+    for _, r in order.iterrows():
+        _, a, b, _ = next(c for c in intervals.COMPARISONS if c[0] == r.comparison)
+        assert r.difference == pytest.approx(med[(a, r.attribute)] - med[(b, r.attribute)])
+
+
 def test_fine_tuning_ran_as_two_accelerate_processes(smoke_run):
     # the smoke profile inherits the default's train.processes: 2, so the stage went through
     # `accelerate launch` with two gloo processes, each taking half of every batch
