@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PROFILE ?= default
-RUN    ?= runs/$(PROFILE)
+RUN    ?= runs/$(basename $(notdir $(PROFILE)))
 
 .PHONY: book test venv
 

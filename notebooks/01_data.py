@@ -61,16 +61,21 @@ print(f"{metadata_csv.name}: {len(ds)} usable crops")
 # %% [markdown]
 # ## What was excluded, and why
 #
-# Nothing is dropped silently: a crop whose JPEG does not decode, or whose id is missing from one of
-# the two files, is excluded whole; a missing attribute value (NaN, or 0 for the two colour scores
-# whose release value 0 means "not measured", the paper authors' rule) excludes only that attribute
-# of that crop.
+# Nothing is dropped silently: a crop whose image does not decode or is not a lesion crop (not RGB,
+# too large, not square enough), whose id is missing from one of the two files, or whose `target` is
+# not 0 or 1, is excluded whole; a missing attribute value (NaN, or 0 for the two colour scores
+# whose release value 0 means "not measured", the paper authors' rule) or one outside what the
+# attribute can take excludes only that attribute of that crop. Images in the HDF5 without a CSV
+# row, and RGB images stored in another format than JPEG (kept), are counted too. The table below
+# and `exclusions.csv` (one line per row, value or image) hold the same entries.
 
 # %%
 report = ds.report()
 display(report)
-ds.exclusions.to_csv(config.exclusions_path(run), index=False)
-print(f"exclusions written to {config.exclusions_path(run)} ({len(ds.exclusions)} rows)")
+table = ds.exclusion_table()
+config.exclusions_path(run).parent.mkdir(parents=True, exist_ok=True)
+table.to_csv(config.exclusions_path(run), index=False)
+print(f"exclusions written to {config.exclusions_path(run)} ({len(table)} rows)")
 
 # %% [markdown]
 # ## Split by patient

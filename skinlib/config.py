@@ -1,15 +1,21 @@
 """Profiles (one YAML each, in skinlib/profiles/) and the paths derived from a run folder.
 
 A profile may `inherit` another and override any key; notebook parameters override the profile
-(None means "take the profile's value"). Paths are derived here and nowhere else.
+(None means "take the profile's value"). Every key of every profile file is checked against
+SCHEMA when it is loaded, so a typo or a wrong type stops the run before any stage, naming the
+file and the dotted key. Paths are derived here and nowhere else.
 """
 from __future__ import annotations
 
 import copy
+import difflib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+
+from . import attributes
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -33,6 +39,169 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {"07_performance": ("bench/results.cs
 STAGE_NAMES: tuple[str, ...] = tuple(s[0] for s in STAGES)
 
 
+class ProfileError(KeyError, ValueError):
+    """A profile that cannot be used (unknown name or key, wrong type); the message is one line.
+    A KeyError and a ValueError, for callers that catch either."""
+
+    def __str__(self) -> str:  # KeyError's own would quote the message
+        return str(self.args[0])
+
+
+# ---- the known settings ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Setting:
+    """What one profile key may hold: `kind` ("int", "number", "bool", "str", or "list" of
+    `item`s), None when `null`, and only `choices` when given (for a list: of its items)."""
+    kind: str
+    null: bool = False
+    choices: tuple = ()
+    item: str = ""
+
+    def problem(self, value) -> str | None:
+        """None when `value` fits, else what was expected, in words."""
+        if value is None:
+            return None if self.null else f"{_WORDS[self.kind]} (not null)"
+        if self.kind == "list":
+            if not isinstance(value, list) or not all(_fits(self.item, v) for v in value):
+                return f"a list of {_WORDS[self.item]}s"
+            bad = [v for v in value if self.choices and v not in self.choices]
+            return f"a list of known names ({_not_known(bad[0], self.choices)})" if bad else None
+        if not _fits(self.kind, value):
+            return _WORDS[self.kind] + (" or null" if self.null else "")
+        if self.choices and value not in self.choices:
+            return "one of " + ", ".join(map(repr, self.choices))
+        return None
+
+
+def _not_known(name, known) -> str:
+    close = difflib.get_close_matches(str(name), [str(k) for k in known], n=1, cutoff=0.6)
+    return f"{name!r} is not one" + (f"; did you mean {close[0]!r}?" if close else "")
+
+
+_WORDS = {"int": "a whole number", "number": "a number", "bool": "true or false", "str": "text",
+          "list": "a list"}
+
+
+def _fits(kind: str, v) -> bool:
+    if isinstance(v, bool):  # YAML's true is an int to Python; never a count
+        return kind == "bool"
+    return {"int": isinstance(v, int), "number": isinstance(v, (int, float)),
+            "str": isinstance(v, str), "bool": False}[kind]
+
+
+INT, NUM, BOOL, STR = Setting("int"), Setting("number"), Setting("bool"), Setting("str")
+OPT_INT, OPT_STR = Setting("int", null=True), Setting("str", null=True)
+INTS, NUMS = Setting("list", item="int"), Setting("list", item="number")
+
+# Every key a profile may set, by section: a dict is a mapping of its own keys, a Setting a value.
+# The phantom's, the tiny model's and the encoder's keys mirror the code that reads them
+# (tests/test_config.py holds them equal: model.TINY_SIZES, train.Settings, encoder.TRAIN_KEYS,
+# encoder.ARCH_DEFAULTS / AUGMENT_DEFAULTS).
+SCHEMA: dict = {
+    "name": STR,
+    "inherit": STR,
+    "seed": INT,
+    "threads": INT,
+    "data": {
+        # checked by release_files (a value here would fail the chain's own failing-stage test)
+        "source": STR,
+        "n_images": INT, "phantom_seed": INT, "phantom_workers": INT,
+        "image_h5": OPT_STR, "metadata_csv": OPT_STR,
+        "on_error": Setting("str", choices=("exclude", "raise")),
+        "test_fraction": NUM, "split_seed": INT, "verify_images": BOOL,
+    },
+    "reference": {"fixtures_dir": STR},
+    "model": {
+        "name": STR,
+        "sizes": {"vision_depth": INT, "vision_embed_dim": INT, "vision_heads": INT, "hidden_size": INT,
+                  "text_layers": INT, "text_heads": INT, "text_kv_heads": INT, "intermediate_size": INT,
+                  "mrope_section": INTS, "max_position_embeddings": INT},
+        "seed": INT, "min_pixels": INT, "max_pixels": INT,
+        "dtype": OPT_STR, "attn_implementation": OPT_STR,
+    },
+    "train": {
+        "method": Setting("str", choices=("full", "lora")),
+        "lora": {"rank": INT, "alpha": NUM, "dropout": NUM, "vision": BOOL, "language": BOOL},
+        "w": INT, "tuple_seed": INT, "packed": BOOL,
+        "vision_warmup": {"steps": INT, "batch_size": INT, "lr": NUM},
+        "processes": INT, "keep_images": BOOL, "compare_steps": INT,
+        # the loop's own (train.Settings)
+        "lr": NUM, "batch_size": INT, "epochs": NUM, "warmup_steps": INT, "weight_decay": NUM,
+        "grad_clip": NUM, "checkpoint_every": INT, "keep_checkpoints": INT, "seed": INT,
+    },
+    "predict": {
+        "n_images": OPT_INT, "batch_size": INT, "constrain": BOOL,
+        "sample": {"k": INT, "n_images": OPT_INT, "seed": INT, "batch_size": INT},
+    },
+    "embed": {
+        "n_queries": OPT_INT, "shard_size": INT, "batch_size": INT,
+        "multi": Setting("list", item="str", choices=attributes.NAMES + attributes.COLUMNS),
+        "encoder": {
+            "kind": Setting("str", choices=("monet", "contrastive")),
+            # monet
+            "name": STR, "dtype": OPT_STR, "revision": OPT_STR,
+            # contrastive (encoder.train_contrastive)
+            "epochs": NUM, "batch_size": INT, "lr": NUM, "seed": INT, "steps": OPT_INT,
+            "temperature": NUM, "weight_decay": NUM, "warmup_frac": NUM,
+            "arch": {"image_size": INT, "channels": INTS, "convs": INTS, "proj_hidden": INT, "proj_dim": INT},
+            "augment_params": {"crop_scale": NUMS, "crop_ratio": NUMS, "flip_rot90": BOOL, "brightness": NUM,
+                               "contrast": NUM, "channel_gain": NUM, "blur_p": NUM, "noise_std": NUM},
+        },
+    },
+    "retrieval": {"k": INT, "b": INT},
+}
+
+
+def check_profile(cfg: dict, path, schema: dict = SCHEMA, prefix: str = "") -> None:
+    """ProfileError for the first key of `cfg` (one profile file, as read) that SCHEMA does not
+    know, naming the closest known key, or whose value has the wrong type."""
+    for key, value in cfg.items():
+        dotted = f"{prefix}{key}"
+        if key not in schema:
+            close = difflib.get_close_matches(str(key), [str(k) for k in schema], n=1, cutoff=0.6)
+            hint = f"did you mean {prefix}{close[0]}?" if close else f"known: {', '.join(schema)}"
+            raise ProfileError(f"profile {path}: unknown key {dotted} ({hint})")
+        want = schema[key]
+        if isinstance(want, dict):
+            if not isinstance(value, dict):
+                raise ProfileError(f"profile {path}: {dotted} is {value!r} ({type(value).__name__}), "
+                                   f"expected a mapping of {', '.join(want)}")
+            check_profile(value, path, want, dotted + ".")
+        else:
+            check_value(dotted, value, want, f"profile {path}")
+
+
+def check_value(dotted: str, value, want: Setting, where: str) -> None:
+    """ProfileError naming `where`, the dotted key, the value and the type expected."""
+    expected = want.problem(value)
+    if expected is None:
+        return
+    hint = ""
+    if where.startswith("profile") and isinstance(value, str) and want.kind in ("int", "number") \
+            and _is_number(value):
+        # YAML 1.1 reads 1e-3 (no point before the e) as text, not a number
+        hint = "; YAML reads it as text: write it with a point and no quotes, e.g. 1.0e-3"
+    raise ProfileError(f"{where}: {dotted} is {value!r} ({type(value).__name__}), expected {expected}{hint}")
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False
+
+
+def _check_sources(cfg: dict, path) -> None:
+    """A real release needs both of its files named (checked once inheritance is resolved)."""
+    data = cfg.get("data") or {}
+    if data.get("source") == "slice3d":
+        for key, what in (("image_h5", "<split>-image.hdf5"), ("metadata_csv", "<split>-metadata.csv")):
+            if not data.get(key):
+                raise ProfileError(f"profile {path}: data.source is 'slice3d' but data.{key} is not set "
+                                   f"(the path of the release's {what})")
+
+
 def _merge(base: dict, over: dict) -> dict:
     out = copy.deepcopy(base)
     for k, v in over.items():
@@ -52,38 +221,56 @@ def profile_path(profile: str | os.PathLike) -> Path:
     p = PROFILE_DIR / f"{profile}.yaml"
     if not p.exists():
         known = sorted(q.stem for q in PROFILE_DIR.glob("*.yaml"))
-        raise KeyError(f"unknown profile {profile!r}; known: {', '.join(known)} (or give a .yaml path)")
+        close = difflib.get_close_matches(str(profile), known, n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ProfileError(f"unknown profile {profile!r}; {hint}known: {', '.join(known)} (or give a .yaml path)")
     return p
 
 
 def load_profile(profile: str | os.PathLike = "default", _seen: tuple = ()) -> dict:
-    """The profile as a nested dict, with `inherit` resolved."""
+    """The profile as a nested dict, with `inherit` resolved; every file's keys checked (SCHEMA)."""
     path = profile_path(profile)
     if path in _seen:
-        raise ValueError(f"profile inheritance loops: {' -> '.join(map(str, _seen + (path,)))}")
-    with open(path) as f:
-        cfg = yaml.safe_load(f) or {}
-    if not isinstance(cfg, dict):
-        raise ValueError(f"profile {path}: top level must be a mapping")
+        raise ProfileError(f"profile inheritance loops: {' -> '.join(map(str, _seen + (path,)))}")
+    cfg = _read_yaml(path)
+    check_profile(cfg, path)
     parent = cfg.pop("inherit", None)
     if parent:
         cfg = _merge(load_profile(parent, _seen + (path,)), cfg)
+    if not _seen:
+        _check_sources(cfg, path)
+    return cfg
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        with open(path) as f:
+            cfg = yaml.safe_load(f) or {}
+    except yaml.YAMLError as exc:  # yaml's own message spans several lines
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ProfileError(f"profile {path}: not valid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
+    if not isinstance(cfg, dict):
+        raise ProfileError(f"profile {path}: top level must be a mapping")
     return cfg
 
 
 def section(profile: str | os.PathLike | dict, name: str, **overrides) -> dict:
     """One section of a profile (e.g. "data") with notebook overrides applied.
 
-    Overrides that are None keep the profile's value; an override the profile does not know is an
-    error (a typo in a papermill -p would otherwise be silently ignored).
+    Overrides that are None keep the profile's value; an override the profile does not know, or
+    of the wrong type, is an error (a typo in a papermill -p would otherwise be silently ignored).
     """
     cfg = profile if isinstance(profile, dict) else load_profile(profile)
     if name not in cfg:
-        raise KeyError(f"profile {cfg.get('name')!r} has no section {name!r}")
+        raise ProfileError(f"profile {cfg.get('name')!r} has no section {name!r}")
     sec = copy.deepcopy(cfg[name])
     for k, v in overrides.items():
         if k not in sec:
-            raise KeyError(f"parameter {k!r} is not a key of profile section {name!r}; known: {', '.join(sec)}")
+            raise ProfileError(f"parameter {k!r} is not a key of profile section {name!r}; known: {', '.join(sec)}")
+        want = SCHEMA.get(name, {}).get(k)
+        if v is not None and isinstance(want, Setting):
+            check_value(f"{name}.{k}", v, want, f"parameter {k}")
         if v is not None:
             sec[k] = v
     return sec
@@ -123,6 +310,7 @@ def release_files(cfg: dict, run) -> tuple[Path, Path]:
         d = phantom_dir(run)
         return d / "train-image.hdf5", d / "train-metadata.csv"
     if data["source"] == "slice3d":
+        _check_sources(cfg, f"{cfg.get('name')!r}")
         return resolve_path(data["image_h5"]), resolve_path(data["metadata_csv"])
     raise ValueError(f"profile {cfg.get('name')!r}: data.source must be 'phantom' or 'slice3d', not {data['source']!r}")
 
@@ -179,6 +367,11 @@ def percentiles_path(run) -> Path:
 
 def retrieval_path(run) -> Path:
     return metrics_dir(run) / "retrieval.csv"
+
+
+def ordering_path(run) -> Path:
+    """The Fig. 4 ordering as paired comparisons with bootstrap intervals (05_retrieval)."""
+    return metrics_dir(run) / "ordering.csv"
 
 
 def set_threads(n: int) -> None:

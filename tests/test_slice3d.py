@@ -15,7 +15,8 @@ from skinlib.slice3d import (CorruptImageError, IdMismatchError, MissingColumnEr
                              MissingValueError, Slice3D, open_release)
 
 ZERO_MISSING = [a for a in attributes.ATTRIBUTES if a.zero_is_missing]
-ZERO_KEPT = next(a for a in attributes.ATTRIBUTES if not a.zero_is_missing)
+# an attribute for which 0 is an ordinary value (not "not measured", and inside its possible range)
+ZERO_KEPT = next(a for a in attributes.ATTRIBUTES if not a.zero_is_missing and a.in_range([0.0])[0])
 
 
 @pytest.fixture
@@ -49,8 +50,9 @@ def write_csv(text: pd.DataFrame, csv) -> None:
 
 def check_adds_up(ds: Slice3D) -> None:
     rep = ds.report()
-    whole = rep[(rep["attribute"] == "*") & (rep["reason"] != "unused_image")]
+    whole = rep[rep["effect"].isin(["kept", "row excluded"])]
     assert whole["count"].sum() == ds.csv_rows
+    assert rep["count"].sum() == 1 * len(ds) + len(ds.exclusion_table())  # the table is the report's source
     ex = ds.exclusions
     row_ex = set(ex.loc[ex["attribute"] == "*", "isic_id"])
     assert len(ds) + (ex["attribute"] == "*").sum() == ds.csv_rows
@@ -274,7 +276,7 @@ def test_nan_attribute(release):
     rep = ds.report().set_index(["reason", "attribute"])["count"]
     assert rep[("missing_value", a.name)] == 1 and rep[("kept", "*")] == 5
     assert ds.counts() == {"csv_rows": 5, "kept_rows": 5, "excluded_rows": 0,
-                           "masked_values": 1, "unused_images": 0}
+                           "masked_values": 1, "unused_images": 0, "counted_images": 0}
     # a subset of attributes that does not need the column is unaffected
     assert Slice3D(h5, csv, attributes=["areaMM2"]).exclusions.empty
 
@@ -320,7 +322,7 @@ def test_report_adds_up_with_mixed_problems(release):
     ds.verify(progress=False)
     c = ds.counts()
     assert c == {"csv_rows": 6, "kept_rows": 3, "excluded_rows": 3, "masked_values": 1,
-                 "unused_images": 1}
+                 "unused_images": 1, "counted_images": 0}
     rep = ds.report()
     assert rep["count"].sum() == 6 + 1 + 1  # rows + masked value + unused image
     check_adds_up(ds)
