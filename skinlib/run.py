@@ -11,6 +11,7 @@ traceback.
 from __future__ import annotations
 
 import argparse
+import difflib
 import hashlib
 import json
 import sys
@@ -62,25 +63,100 @@ def _stamp_path(run: Path, stage: str) -> Path:
     return config.stage_dir(run, stage) / ".stage.json"
 
 
-def execute_stage(stage: str, notebook: Path, profile: str, run: Path, kernel: str | None = None) -> Path:
-    """Convert the jupytext source and execute it with papermill; returns the executed notebook."""
+def execute_stage(stage: str, notebook: Path, profile: str, run: Path, kernel: str | None = None,
+                  parameters: dict | None = None) -> Path:
+    """Convert the jupytext source and execute it with papermill; returns the executed notebook.
+
+    `parameters` (besides profile and out) must all be names of the notebook's parameters cell:
+    papermill itself only warns about an unknown one and runs on. A KeyboardInterrupt leaves with
+    `.stage` set, so the caller can say which stage stopped."""
     import jupytext
     import papermill
 
     out_nb = _executed_path(run, stage)
-    out_nb.parent.mkdir(parents=True, exist_ok=True)
+    params = {"profile": profile, "out": str(run), **config.STAGE_PARAMETERS.get(stage, {}), **(parameters or {})}
     nb = jupytext.read(notebook)
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / f"{stage}.ipynb"
-        jupytext.write(nb, src)
-        papermill.execute_notebook(
-            str(src), str(out_nb),
-            parameters={"profile": profile, "out": str(run), **config.STAGE_PARAMETERS.get(stage, {})},
-            kernel_name=kernel or "python3",
-            cwd=str(config.REPO_ROOT),
-            progress_bar=False, log_output=False,
-        )
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            src = Path(tmp) / f"{stage}.ipynb"
+            jupytext.write(nb, src)
+            _check_parameters(notebook, set(papermill.inspect_notebook(str(src))), params)
+            out_nb.parent.mkdir(parents=True, exist_ok=True)
+            papermill.execute_notebook(
+                str(src), str(out_nb), parameters=params, kernel_name=kernel or "python3",
+                cwd=str(config.REPO_ROOT), progress_bar=False, log_output=False,
+                # the kernel's own log goes to this terminal, not the notebook: on Ctrl-C it
+                # prints a traceback of its closed socket; a cell's errors are in the notebook
+                extra_arguments=["--IPKernelApp.log_level=CRITICAL"],
+            )
+    except KeyboardInterrupt as e:
+        e.stage = stage
+        raise
     return out_nb
+
+
+class ParameterError(ValueError):
+    """A notebook parameter that the notebook's parameters cell does not define."""
+
+
+def notebook_parameters(notebook: Path) -> set[str]:
+    """The names the jupytext notebook's parameters cell defines (papermill's own reading)."""
+    import jupytext
+    import papermill
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "notebook.ipynb"
+        jupytext.write(jupytext.read(notebook), src)
+        return set(papermill.inspect_notebook(str(src)))
+
+
+def _check_parameters(notebook: Path, known: set[str], params: dict) -> None:
+    unknown = [k for k in params if k not in known]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], sorted(known), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ParameterError(f"{notebook}: no parameter {unknown[0]!r} in its parameters cell; "
+                             f"{hint}known: {', '.join(sorted(known))}")
+
+
+def _parameter_value(text: str):
+    """A -p value read as papermill's own -p reads it: True / False / None, int, float, else text."""
+    if text in ("True", "False", "None"):
+        return {"True": True, "False": False, "None": None}[text]
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def run_notebook(notebook, profile: str = "default", out: str | None = None, parameters: dict | None = None,
+                 kernel: str | None = None) -> Path:
+    """Run one chapter notebook by hand, as the chain runs it (README "Running pieces by hand"):
+    the profile checked, every parameter checked against the notebook's parameters cell, the
+    executed notebook in its stage folder. That stage's cache stamp is removed: its files may
+    now differ from what the stamp vouches for, so the next chain run redoes it."""
+    nb = Path(notebook)
+    nb = nb if nb.exists() else config.REPO_ROOT / nb
+    if not nb.is_file():
+        raise FileNotFoundError(f"notebook {notebook} not found")
+    stage = nb.stem
+    if stage not in config.STAGE_NAMES:
+        raise ParameterError(f"notebook {notebook} is not a chapter of the chain; known: {', '.join(config.STAGE_NAMES)}")
+    for k in ("profile", "out"):
+        if k in (parameters or {}):
+            raise ParameterError(f"give {k} with --{k}, not -p {k}")
+    cfg = config.load_profile(profile)
+    run = config.run_dir(cfg, out).resolve()
+    _check_parameters(nb, notebook_parameters(nb), {"profile": profile, "out": run, **(parameters or {})})
+    _stamp_path(run, stage).unlink(missing_ok=True)
+    try:
+        return execute_stage(stage, nb, str(config.profile_path(profile).resolve()), run, kernel, parameters)
+    except ParameterError:
+        raise
+    except Exception as e:  # as in the chain: name the cell, keep the executed notebook
+        raise StageFailed(stage, str(notebook), _executed_path(run, stage), e) from e
 
 
 def run_chain(profile: str = "default", out: str | None = None, stages: list[str] | None = None,
@@ -141,12 +217,29 @@ def main(argv=None) -> int:
     ap.add_argument("--stages", nargs="*", help="run only these stages (their cached inputs are reused)")
     ap.add_argument("--force", action="store_true", help="rerun even when cached")
     ap.add_argument("--kernel", default=None, help="Jupyter kernel name (default python3)")
+    ap.add_argument("--notebook", default=None, help="run only this chapter notebook (no cache), e.g. notebooks/01_data.py")
+    ap.add_argument("-p", nargs=2, action="append", default=[], metavar=("NAME", "VALUE"),
+                    help="with --notebook: a parameter of its parameters cell, read as papermill's -p")
     a = ap.parse_args(argv)
+    if a.p and not a.notebook:
+        ap.error("-p needs --notebook (the chain's parameters are the profile's)")
     try:
-        run_chain(a.profile, a.out, a.stages, a.force, a.kernel)
+        if a.notebook:
+            params = {k: _parameter_value(v) for k, v in a.p}
+            print(f"executed notebook: {run_notebook(a.notebook, a.profile, a.out, params, a.kernel)}")
+        else:
+            run_chain(a.profile, a.out, a.stages, a.force, a.kernel)
     except StageFailed as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as e:
+        where = f"stage {e.stage} stopped" if getattr(e, "stage", None) else "stopped"
+        print(f"interrupted: {where}; rerun the same command to resume (finished stages are reused, "
+              "fine-tuning continues from its last checkpoint)", file=sys.stderr)
+        return 130
+    except (KeyError, ValueError, OSError) as e:  # a profile, a stage name, a parameter, a file
+        print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
+        return 2
     return 0
 
 
