@@ -95,3 +95,36 @@ def test_zeros_as_missing_only_touches_the_flagged_attributes():
     for n in attributes.NAMES:
         assert g[n].isna().sum() == (1 if n in flagged else 0)
     assert f.notna().all().all()  # the input is not modified
+
+
+def test_the_possible_ranges_hold_every_real_value(fixtures_dir):
+    # the bounds come from the attributes' meanings; the 5,000 real rows and the released test set
+    # (whose stdLExt holds Lext, as released) must all lie inside them
+    for path in ("isic2024-metadata-sample5k.csv", "isic2024-test-metadata.csv",
+                 "isic2024-train-sample/train-metadata.csv"):
+        real = pd.read_csv(fixtures_dir / path, usecols=list(attributes.COLUMNS))
+        for att in attributes.ATTRIBUTES:
+            vals = real[att.column].dropna()
+            vals = vals[vals != 0] if att.zero_is_missing else vals
+            assert att.in_range(vals).all(), (path, att.name, vals[~att.in_range(vals)].tolist()[:5])
+
+
+def test_the_ranges_refuse_what_the_meanings_rule_out():
+    for name in ("areaMM2", "minorAxisMM", "clin_size_long_diam_mm", "perimeterMM", "area_perim_ratio"):
+        assert not attributes.get(name).in_range([0.0, -1.0]).any(), name  # a size is > 0
+    for name in ("norm_color", "norm_border"):
+        assert attributes.get(name).in_range([0.0, 10.0]).all() and not attributes.get(name).in_range([-0.01, 10.01]).any()
+    for name in ("A", "Aext", "B", "Bext"):
+        assert not attributes.get(name).in_range([-200.0, 200.0]).any()
+
+
+def test_the_ranges_are_not_part_of_what_the_model_is_taught(monkeypatch):
+    # fine-tuned stages stamped with the registry's fingerprint stay valid when only a bound moves
+    import dataclasses
+    before = attributes.fingerprint()
+    moved = tuple(dataclasses.replace(a, low=-1e9, high=1e9, low_open=False) for a in attributes.ATTRIBUTES)
+    monkeypatch.setattr(attributes, "ATTRIBUTES", moved)
+    assert attributes.fingerprint() == before
+    asked = (dataclasses.replace(moved[0], question=moved[0].question + " "),) + moved[1:]
+    monkeypatch.setattr(attributes, "ATTRIBUTES", asked)
+    assert attributes.fingerprint() != before  # what the model is taught still counts

@@ -48,3 +48,46 @@ def test_paths_are_derived_from_the_run_folder(tmp_path):
     assert config.resolve_path("x/y").is_absolute()
     with pytest.raises(KeyError, match="unknown stage"):
         config.stage_dir(tmp_path, "99_nothing")
+
+
+def test_the_shipped_profiles_pass_the_schema_file_by_file():
+    # load_profile checks each file as written (paper.yaml sets embed.encoder.name, smoke.yaml
+    # embed.encoder.steps: keys the default does not have)
+    for path in sorted(config.PROFILE_DIR.glob("*.yaml")):
+        config.check_profile(yaml.safe_load(path.read_text()), path)
+        config.load_profile(path)
+
+
+def test_the_schema_knows_exactly_the_keys_the_code_reads():
+    from dataclasses import fields
+
+    from skinlib import encoder, finetune, model, train
+    s = config.SCHEMA
+    assert set(s["model"]["sizes"]) == set(model.TINY_SIZES)
+    assert set(s["train"]) == {f.name for f in fields(train.Settings)} | finetune.STAGE_KEYS
+    spec = s["embed"]["encoder"]
+    assert set(spec) == {"kind", "name", "dtype", "revision", *encoder.TRAIN_KEYS}
+    assert set(spec["arch"]) == set(encoder.ARCH_DEFAULTS)
+    assert set(spec["augment_params"]) == set(encoder.AUGMENT_DEFAULTS)
+    assert {name for name, _, _ in config.STAGES} == set(config.STAGE_NAMES)
+    used = {sec for _, _, sections in config.STAGES for sec in sections}
+    assert used <= set(s)
+
+
+def test_each_schema_type_accepts_its_own_and_refuses_the_others(tmp_path):
+    cases = {  # key: (a fitting value, a wrong one)
+        "seed": (3, 3.5), "data.test_fraction": (0.25, "0.25"), "data.verify_images": (False, 0),
+        "data.image_h5": (None, 5), "predict.n_images": (None, True), "model.sizes.mrope_section": ([4, 6, 6], [4, "6"]),
+    }
+    for dotted, (good, bad) in cases.items():
+        for value, ok in ((good, True), (bad, False)):
+            body = value
+            for part in reversed(dotted.split(".")):
+                body = {part: body}
+            prof = tmp_path / "p.yaml"
+            prof.write_text(yaml.safe_dump({"name": "p", "inherit": "smoke", **body}))
+            if ok:
+                config.load_profile(prof)
+            else:
+                with pytest.raises(config.ProfileError, match=dotted.replace(".", r"\.")):
+                    config.load_profile(prof)
