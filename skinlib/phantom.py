@@ -24,11 +24,27 @@ How a crop is made (`draw_lesion`):
    values are measured on the 3D capture, not on the JPEG tile, so the truth here is likewise not
    a function of the nuisances; the nuisance sidecar records them.
 
+5. Malignancy. `target` is drawn last, from its own random stream, so that it changes nothing
+   above: target ~ Bernoulli(P(malignant | the 16 measured attributes)). P is an additive
+   logistic model, one piecewise-linear function per attribute (knots at quantiles), fitted on
+   the real 5,000-row sample (`skinlib/data/slice3d_malignancy.json`, built by
+   ``--make-malignancy``) with the probe of the malignancy chapter (`skinlib.malignancy`: L2
+   logistic regression, C from a grid by 5-fold cross-validation grouped by patient). Values are
+   used as released (a colour score of 0, "not measured", is a value here), as the phantom
+   writes them. Prevalence: the model is fitted where 7.9 % of the lesions are malignant (the
+   sample holds all 393 malignant lesions of the release) and keeps about that rate; the
+   release's 0.1 % would leave a 5,000-image phantom about 5 malignant lesions and its test
+   split one or two, too few to score anything. For a logistic model, a sample that keeps every
+   malignant lesion and a random share of the benign ones differs from the release in the
+   intercept only (by the log of the sampling ratio): the rest, and so the ranking that AUC and
+   pAUC score, carries over. Malignant lesions get a diagnosis (`iddx_*`) drawn from the
+   sample's malignant diagnoses.
+
 Output (`generate`): ``train-image.hdf5`` (one scalar fixed-length bytes dataset of JPEG bytes
 per isic_id, as in the release), ``train-metadata.csv`` (the release's 55 columns, in order) and
 ``phantom-nuisance.csv`` (what was drawn besides the 16 attributes). Deterministic per seed,
 whatever the number of workers: image i uses RNGs derived from (seed, i) and its patient's RNG
-from (seed, patient).
+from (seed, patient); its metadata columns and its target each have their own.
 """
 from __future__ import annotations
 
@@ -58,9 +74,10 @@ SIZE_RANGE = (90, 160)  # px, inclusive
 N_VERT = 256            # contour vertices, uniform in angle around the drawing centre
 LOBE_SKEW = 4.0         # sharpness of the lobes' soft minimum: bays, not bulges (see _bays)
 REFERENCE_PATH = Path(__file__).resolve().parent / "data" / "slice3d_reference.json"
+MALIGNANCY_PATH = Path(__file__).resolve().parent / "data" / "slice3d_malignancy.json"
+MALIGNANCY_KNOTS = (0.1, 0.3, 0.5, 0.7, 0.9)   # quantiles where the malignancy model may bend
 ATTRIBUTION = "skin-attribute grounding phantom"
 LICENSE = "CC-0"
-MALIGNANT_RATE = 0.03   # aimed fraction of target == 1 (real release 0.1 %, 5k sample 7.9 %)
 
 # Attributes that follow from the drawing instead of being aimed at: the perimeter and the
 # long diameter come with the shape, B = Bext + deltaB. The skin's L* ("Lext", not one of the
@@ -176,6 +193,115 @@ def load_reference(path=REFERENCE_PATH) -> dict:
     if tuple(ref.get("targets", ())) != TARGETS:
         raise ValueError(f"{path} was built for targets {ref.get('targets')}, expected {TARGETS}; rebuild it")
     return ref
+
+
+# ============================================================================ malignancy model
+def malignancy_basis(x, knots) -> np.ndarray:
+    """The additive model's features of rows x (n, 16 attributes): each attribute itself, then
+    max(x - knot, 0) for each of its knots (attribute-major), so that the log-odds are a sum of
+    one piecewise-linear function per attribute."""
+    x = np.atleast_2d(np.asarray(x, dtype=float))
+    hinges = [np.maximum(x[:, [j]] - np.asarray(k, dtype=float), 0.0) for j, k in enumerate(knots)]
+    return np.hstack([x, *hinges])
+
+
+def make_malignancy(csv_path, out_path=MALIGNANCY_PATH, seed: int = 0, grid=None) -> dict:
+    """Fit P(malignant | 16 attributes) on a real SLICE-3D metadata CSV and write it as JSON.
+
+    An additive logistic model: per attribute a piecewise-linear function with knots at the
+    CSV's quantiles MALIGNANCY_KNOTS (`malignancy_basis`), fitted by the probe of the malignancy
+    chapter (`skinlib.malignancy.fit_probe`: standardised features, L2 logistic regression, C
+    chosen by patient-grouped 5-fold cross-validation over `grid`, default
+    `skinlib.malignancy.C_GRID`). Why not a straight line per attribute: it misses how the risk
+    rises with size, and fitted on the real rows it gives their malignant lesions a median area
+    well short of the one they have. Attribute values are used as released.
+    """
+    import pandas as pd
+
+    from skinlib import malignancy
+
+    df = pd.read_csv(csv_path)
+    missing = [c for c in ("patient_id", "target") if c not in df.columns]
+    if missing:
+        raise ValueError(f"{csv_path}: not a SLICE-3D training metadata file, missing {missing}")
+    try:
+        named = attributes.named(df, keep=("patient_id", "target"))
+    except KeyError as err:
+        raise ValueError(f"{csv_path}: {err.args[0]}") from None
+    x = named[list(attributes.NAMES)].to_numpy(dtype=float)
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+        raise ValueError(f"{csv_path}: non-finite attribute values in {bad.sum()} row(s), "
+                         f"first at data row {int(np.flatnonzero(bad)[0])}")
+    y = named["target"].to_numpy()
+    knots = [_sig(np.quantile(x[:, j], MALIGNANCY_KNOTS)) for j in range(x.shape[1])]
+    names = list(attributes.NAMES) + [f"{n}>{k:g}" for n, ks in zip(attributes.NAMES, knots) for k in ks]
+    probe = malignancy.fit_probe(malignancy_basis(x, knots), y, named["patient_id"].to_numpy(), names,
+                                 grid=malignancy.C_GRID if grid is None else grid, seed=seed)
+    model = {
+        "source": Path(csv_path).name,
+        "n_rows": int(len(df)),
+        "n_patients": int(df["patient_id"].nunique()),
+        "n_malignant": int(y.sum()),
+        "prevalence": round(float(y.mean()), 5),
+        "attributes": list(attributes.NAMES),
+        "knot_probs": list(MALIGNANCY_KNOTS),
+        "knots": knots,
+        "features": names,
+        "mean": _sig(probe.mean),
+        "scale": _sig(probe.scale),
+        "coef": _sig(probe.coef),
+        "intercept": _sig([probe.intercept])[0],
+        "c": probe.c,
+        "converged": probe.converged,
+        "cv": {"folds": malignancy.FOLDS, "seed": seed, "c": [float(c) for c in probe.cv["c"]],
+               "auc": _sig(probe.cv["cv_auc"], 4)},
+    }
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    _write_reference(model, out_path)
+    return model
+
+
+@lru_cache(maxsize=4)
+def load_malignancy(path=MALIGNANCY_PATH) -> dict:
+    """The committed malignancy model (see `make_malignancy`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"phantom malignancy model {path} is missing; build it with "
+                                "`python -m skinlib.phantom --make-malignancy <train-metadata.csv>`")
+    model = json.loads(path.read_text(encoding="utf-8"))
+    if tuple(model.get("attributes", ())) != attributes.NAMES:
+        raise ValueError(f"{path} was built for attributes {model.get('attributes')}, "
+                         f"expected {attributes.NAMES}; rebuild it")
+    n = len(model["features"])
+    bad = [k for k in ("mean", "scale", "coef") if len(model[k]) != n]
+    if bad:
+        raise ValueError(f"{path}: {', '.join(bad)} do not have one value per feature ({n}); rebuild it")
+    return model
+
+
+def malignancy_logit(x, path=MALIGNANCY_PATH) -> np.ndarray:
+    """Log-odds of malignancy of rows x (n, 16 attributes in registry order, as released)."""
+    m = load_malignancy(path)
+    z = (malignancy_basis(x, m["knots"]) - np.asarray(m["mean"])) / np.asarray(m["scale"])
+    return m["intercept"] + z @ np.asarray(m["coef"])
+
+
+def malignancy_probability(values: dict, path=MALIGNANCY_PATH) -> float:
+    """P(malignant) of one lesion from its 16 attributes ({short name: value})."""
+    x = [[values[n] for n in attributes.NAMES]]
+    return float(special.expit(malignancy_logit(x, path)[0]))
+
+
+def diagnosis_columns(isic_id: str, values: dict, rng) -> dict:
+    """target (drawn from `malignancy_probability`), lesion_id and the iddx_* columns."""
+    malignant = bool(rng.random() < malignancy_probability(values))
+    iddx = _pick(rng, load_reference()["malignant_iddx"]) if malignant else "Benign"
+    parts = iddx.split("::") + [None] * 5
+    return {"target": int(malignant), "lesion_id": f"PL_{isic_id[3:]}" if malignant else None,
+            "iddx_full": iddx, "iddx_1": parts[0], "iddx_2": parts[1], "iddx_3": parts[2],
+            "iddx_4": parts[3], "iddx_5": parts[4]}
 
 
 @dataclass(frozen=True)
@@ -867,21 +993,19 @@ def _quantile_draw(rng, q) -> float:
     return float(np.interp(rng.random(), np.linspace(0, 1, len(q)), q))
 
 
-def metadata_row(isic_id: str, lesion: Lesion, patient: Patient, rng) -> dict:
+def metadata_row(isic_id: str, lesion: Lesion, patient: Patient, rng, target_rng) -> dict:
     """One row of train-metadata.csv: the 16 measured attributes in their release columns, the
-    other measured colour columns, and plausible values for the clinical columns (age, site,
-    diagnosis; these are not modelled by the picture and say so in the book)."""
+    other measured colour columns, plausible values for the clinical columns (age, site; these
+    are not modelled by the picture and say so in the book), and the target and diagnosis, drawn
+    from `target_rng` given the attributes (`diagnosis_columns`)."""
     ref = load_reference()
     a, e = lesion.attributes, lesion.extras
     row = {attributes.get(n).column: a[n] for n in attributes.NAMES}
     site, loc, loc_simple, _ = ref["location"][_pick(rng, {i: r[3] for i, r in enumerate(ref["location"])})]
     xyz_m = ref["xyz_by_location"].get(loc_simple, [0, 0, 0, 1, 1, 1])
     xyz = [xyz_m[2 * k] + xyz_m[2 * k + 1] * rng.standard_normal() for k in range(3)]
-    malignant = rng.random() < MALIGNANT_RATE
-    iddx = _pick(rng, ref["malignant_iddx"]) if malignant else "Benign"
-    parts = iddx.split("::") + [None] * 5
     row.update({
-        "isic_id": isic_id, "target": int(malignant), "patient_id": patient.patient_id,
+        "isic_id": isic_id, "patient_id": patient.patient_id,
         "age_approx": patient.age, "sex": patient.sex, "anatom_site_general": site or None,
         "image_type": "TBP tile: close-up", "tbp_tile_type": patient.tile_type,
         "tbp_lv_C": math.hypot(a["A"], a["B"]), "tbp_lv_Cext": math.hypot(a["Aext"], a["Bext"]),
@@ -897,11 +1021,11 @@ def metadata_row(isic_id: str, lesion: Lesion, patient: Patient, rng) -> dict:
         "tbp_lv_symm_2axis": float(rng.beta(2.5, 4.0)), "tbp_lv_symm_2axis_angle": int(rng.integers(0, 36)) * 5,
         "tbp_lv_x": xyz[0], "tbp_lv_y": xyz[1], "tbp_lv_z": xyz[2],
         "attribution": ATTRIBUTION, "copyright_license": LICENSE,
-        "lesion_id": f"PL_{isic_id[3:]}" if malignant else None,
-        "iddx_full": iddx, "iddx_1": parts[0], "iddx_2": parts[1], "iddx_3": parts[2],
-        "iddx_4": parts[3], "iddx_5": parts[4], "mel_mitotic_index": None, "mel_thick_mm": None,
+        "mel_mitotic_index": None, "mel_thick_mm": None,
         "tbp_lv_dnn_lesion_confidence": _quantile_draw(rng, ref["dnn_confidence"]),
     })
+    # last, from its own stream: nothing drawn above depends on whether the lesion is malignant
+    row.update(diagnosis_columns(isic_id, a, target_rng))
     return row
 
 
@@ -921,7 +1045,7 @@ def _make_chunk_1(args) -> list[tuple[str, bytes, dict, dict]]:
         i = start + k
         lesion = _draw_image(seed, i, p)
         isic_id = ID_FORMAT.format(i + 1)
-        row = metadata_row(isic_id, lesion, make_patient(seed, int(p)), _rng(seed, 4, i))
+        row = metadata_row(isic_id, lesion, make_patient(seed, int(p)), _rng(seed, 4, i), _rng(seed, 5, i))
         nuis = {"isic_id": isic_id, **lesion.nuisance, **{f"aim_{k2}": v for k2, v in lesion.targets.items()}}
         out.append((isic_id, lesion.jpeg, row, nuis))
     return out
@@ -1004,10 +1128,16 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=1, help="processes (the result does not depend on it)")
     ap.add_argument("--make-reference", metavar="CSV",
                     help="fit the reference summary from a real train-metadata CSV")
+    ap.add_argument("--make-malignancy", metavar="CSV",
+                    help="fit the malignancy model P(target | 16 attributes) from a real train-metadata CSV")
     a = ap.parse_args(argv)
-    if a.make_reference:
-        make_reference(a.make_reference)
-        print(f"wrote {REFERENCE_PATH}")
+    if a.make_reference or a.make_malignancy:
+        if a.make_reference:
+            make_reference(a.make_reference)
+            print(f"wrote {REFERENCE_PATH}")
+        if a.make_malignancy:
+            make_malignancy(a.make_malignancy)
+            print(f"wrote {MALIGNANCY_PATH}")
         return 0
     if not a.out:
         ap.error("--out is required")

@@ -7,8 +7,9 @@ import h5py
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import special
 
-from skinlib import attributes, measure, metrics, phantom, slice3d
+from skinlib import attributes, malignancy, measure, metrics, phantom, slice3d
 
 REAL_5K = "isic2024-metadata-sample5k.csv"
 
@@ -104,6 +105,62 @@ def test_distributions_match_the_real_rows(big, fixtures_dir):
     # and the zeros that mean "not measured" appear about as often as in the release
     for n in ("norm_color", "radial_color_std_max"):
         assert abs((meta[attributes.get(n).column] == 0).mean() - (real[n] == 0).mean()) < 0.06
+
+
+def test_target_is_drawn_from_the_attributes(big):
+    """target ~ Bernoulli(P(malignant | 16 attributes)): the model's probabilities rank the drawn
+    labels (a label drawn apart from the lesion would score 0.5) and their mean is the rate."""
+    _, meta = big
+    p = special.expit(phantom.malignancy_logit(attributes.named(meta)[list(attributes.NAMES)]))
+    y = meta.target.to_numpy()
+    assert malignancy.roc_auc(y, p) > 0.8
+    assert abs(y.mean() - p.mean()) < 3 * np.sqrt(p.mean() * (1 - p.mean()) / len(y))
+    assert set(meta.loc[meta.target == 1, "iddx_full"]) <= set(phantom.load_reference()["malignant_iddx"])
+    assert (meta.loc[meta.target == 0, "iddx_full"] == "Benign").all()
+    assert meta.lesion_id.notna().eq(meta.target == 1).all()
+
+
+def test_benign_vs_malignant_differences_match_the_real_rows(big, fixtures_dir):
+    """Median malignant minus median benign, in IQRs: the same direction as in the 5,000 real
+    rows for every attribute that differs by 0.4 IQR or more there, and for the five the brief
+    names within a factor of 2."""
+    _, meta = big
+    real = malignancy.attribute_differences(pd.read_csv(fixtures_dir / REAL_5K)).set_index("attribute").difference
+    ours = malignancy.attribute_differences(meta).set_index("attribute").difference
+    clear = real.index[real.abs() >= 0.4]
+    assert len(clear) >= 5
+    flipped = [n for n in clear if np.sign(ours[n]) != np.sign(real[n])]
+    assert not flipped, ours[flipped].round(2).to_dict()
+    ratio = (ours / real)[["areaMM2", "perimeterMM", "norm_color", "deltaB", "B"]]
+    assert ratio.between(0.5, 2.0).all(), ratio.round(2).to_dict()
+
+
+def test_target_has_its_own_random_stream():
+    """Another target stream changes target and diagnosis only: every other column, drawn before
+    it from the metadata stream, stays as it was."""
+    pidx = phantom.plan_patients(40, 0)
+    diag = {"target", "lesion_id", "iddx_full", "iddx_1", "iddx_2", "iddx_3", "iddx_4", "iddx_5"}
+    targets = set()
+    for i in range(0, 40, 4):
+        les, pat = phantom._draw_image(0, i, pidx[i]), phantom.make_patient(0, int(pidx[i]))
+        a = phantom.metadata_row("PH_x", les, pat, phantom._rng(0, 4, i), phantom._rng(0, 5, i))
+        for k in range(20):
+            b = phantom.metadata_row("PH_x", les, pat, phantom._rng(0, 4, i), phantom._rng(99, k, i))
+            assert {c for c in a if not (a[c] == b[c] or (a[c] is None and b[c] is None))} <= diag
+            targets.add(b["target"])
+    assert targets == {0, 1}
+
+
+def test_malignancy_model_is_fitted_on_the_real_sample(fixtures_dir, tmp_path):
+    """The committed model is the fit of `make_malignancy` on the real rows: refitted at its
+    chosen C (the full C grid takes longer), every stored number comes back; C is the grid's
+    best by cross-validation, as the file's own CV table says."""
+    model = phantom.load_malignancy()
+    again = phantom.make_malignancy(fixtures_dir / REAL_5K, tmp_path / "m.json", grid=(model["c"],))
+    assert {k: v for k, v in again.items() if k != "cv"} == {k: v for k, v in model.items() if k != "cv"}
+    assert model["cv"]["c"] == list(malignancy.C_GRID)
+    assert model["c"] == model["cv"]["c"][int(np.argmax(model["cv"]["auc"]))]
+    assert model["n_malignant"] == 393 and model["converged"]
 
 
 def test_fast_shape_measures_what_skinlib_measure_does():

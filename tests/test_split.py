@@ -114,3 +114,53 @@ def test_load_manifest_rejects(frame, tmp_path):
         load_manifest(m2, attributes=["areaMM2", "B"])
     with pytest.raises(FileNotFoundError, match="nothere"):
         load_manifest(tmp_path / "nothere.parquet")
+
+
+def _with_target(frame, sick_patients):
+    return frame.assign(target=frame["patient_id"].isin(sick_patients).astype(int))
+
+
+def test_split_unchanged_when_both_halves_hold_malignant_lesions(frame, fixtures_dir):
+    """The check changes nothing where the seeded split already holds malignant lesions on both
+    sides: on the 5,000 real rows (393 malignant) and on a frame with malignant lesions scattered."""
+    import warnings
+
+    real = pd.read_csv(fixtures_dir / "isic2024-metadata-sample5k.csv")
+    scattered = _with_target(frame, frame["patient_id"].unique()[::7])
+    for f in (real, scattered):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")        # no re-draw
+            checked = patient_split(f, 0.3, seed=0)
+        pd.testing.assert_frame_equal(checked, patient_split(f[["isic_id", "patient_id"]], 0.3, seed=0))
+        assert set(checked.loc[f["target"].to_numpy() == 1, "split"]) == {"train", "test"}
+
+
+def test_split_redraws_when_a_half_has_no_malignant_lesion(frame):
+    plain = patient_split(frame, 0.3, seed=0)
+    train_only = plain.loc[plain.split == "train", "patient_id"].unique()[:4]
+    labelled = _with_target(frame, train_only)
+    with pytest.warns(UserWarning, match="drawn again stratified"):
+        s = patient_split(labelled, 0.3, seed=0)
+    sick = labelled["target"].to_numpy() == 1
+    assert set(s.loc[sick, "split"]) == {"train", "test"}
+    assert (s.groupby("patient_id")["split"].nunique() == 1).all()      # still no patient on both sides
+    assert abs((s["split"] == "test").mean() - 0.3) < 0.02
+    assert list(s["isic_id"]) == list(frame["isic_id"])
+    with pytest.warns(UserWarning):
+        again = patient_split(labelled.iloc[::-1], 0.3, seed=0).set_index("isic_id")["split"]
+    assert again.loc[s["isic_id"]].tolist() == s["split"].tolist()      # seeded, order-free
+    # the labels may also be passed beside the frame
+    with pytest.warns(UserWarning):
+        pd.testing.assert_frame_equal(patient_split(frame, 0.3, seed=0, target=labelled["target"]), s)
+
+
+def test_split_target_errors(frame):
+    one = _with_target(frame, frame["patient_id"].unique()[:1])
+    with pytest.raises(ValueError, match="1 patient\\(s\\) with a malignant lesion"):
+        patient_split(one)
+    bad = one.assign(target=one["target"].astype(float))
+    bad.loc[3, "target"] = np.nan
+    with pytest.raises(ValueError, match=f"target must be 0 or 1; 1 row.*{bad.isic_id[3]}"):
+        patient_split(bad)
+    with pytest.raises(ValueError, match="3 target values"):
+        patient_split(frame, target=[0, 1, 0])
