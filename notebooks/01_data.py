@@ -67,7 +67,8 @@ print(f"{metadata_csv.name}: {len(ds)} usable crops")
 # whose release value 0 means "not measured", the paper authors' rule) or one outside what the
 # attribute can take excludes only that attribute of that crop. Images in the HDF5 without a CSV
 # row, and RGB images stored in another format than JPEG (kept), are counted too. The table below
-# and `exclusions.csv` (one line per row, value or image) hold the same entries.
+# counts the entries of `exclusions.csv` (one line per excluded row, masked value or counted image),
+# by reason; its `effect` column says what each did.
 
 # %%
 report = ds.report()
