@@ -275,3 +275,27 @@ def test_attribute_differences_on_the_real_rows(fixtures_dir):
     assert out.n_missing["norm_color"] == (named.norm_color == 0).sum() > 0
     with pytest.raises(ValueError, match="no target"):
         malignancy.attribute_differences(named.drop(columns="target"))
+
+
+# ---------------------------------------------------------------------------- figures
+def test_figures_draw_what_they_are_given(study, tmp_path):
+    import matplotlib.pyplot as plt
+
+    from skinlib import malignancy_figures
+
+    tr, te, sets, res, _ = study
+    fig = malignancy_figures.roc_curves(res.scores, table=res.table)
+    left, zoom = fig.axes
+    assert len(left.get_legend().get_texts()) == len(res.table)
+    assert all(r.features in t.get_text() for r, t in zip(res.table.itertuples(), left.get_legend().get_texts()))
+    assert zoom.get_ylim()[0] == pytest.approx(0.8)
+    plt.close(fig)
+    fig = malignancy_figures.coefficients(malignancy.coefficients(res.probes["true attributes"]))
+    assert len(fig.axes[0].patches) == 16
+    plt.close(fig)
+    contrib = malignancy.contributions(res.probes["true attributes"], sets["true attributes"][1], te.isic_id)
+    fig = malignancy_figures.contributions(contrib.iloc[0], attributes.NAMES)
+    assert sorted(p.get_width() for p in fig.axes[0].patches) == pytest.approx(sorted(contrib.iloc[0][list(attributes.NAMES)]))
+    plt.close(fig)
+    with pytest.raises(ValueError, match="missing column"):
+        malignancy_figures.roc_curves(res.scores.drop(columns="target"))
