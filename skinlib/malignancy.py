@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import attributes, config
+from . import attributes, config, intervals
 
 FEATURE_SETS = ("h_im fine-tuned", "h_im untuned", "baseline encoder",
                 "predicted attributes (fit on true)", "predicted attributes (fit on predicted)",
@@ -135,19 +135,17 @@ def bootstrap_intervals(y, score, patients, n_boot: int = N_BOOT, seed: int = 0,
     """Percentile intervals of AUC and pAUC over `n_boot` resamples of the test patients.
 
     Whole patients are drawn with replacement (their lesions are not independent); a patient drawn
-    k times weighs k. A resample holding only one class cannot be scored: such resamples are
-    counted (`n_skipped`), not hidden. Returns auc_lo, auc_hi, pauc_lo, pauc_hi, n_boot, n_skipped.
+    k times weighs k. The draws are `skinlib.intervals.patient_draws`, as for the other chapters'
+    intervals, and the same for every feature set scored on the same test rows and seed. A
+    resample holding only one class cannot be scored: such resamples are counted (`n_skipped`),
+    not hidden. Returns auc_lo, auc_hi, pauc_lo, pauc_hi, n_boot, n_skipped.
     """
     y = _labels(y, "bootstrap")
-    patients = np.asarray(patients)
     if len(patients) != len(y) or len(score) != len(y):
         raise ValueError(f"bootstrap: {len(y)} labels, {len(score)} scores, {len(patients)} patient ids")
-    _, pidx = np.unique(patients, return_inverse=True)
-    n_pat = int(pidx.max()) + 1
+    codes, counts = intervals.patient_draws(patients, n_boot, seed)
     curve = _WeightedROC(y, score)
-    rng = np.random.default_rng(seed)
-    draws = [curve(np.bincount(rng.integers(0, n_pat, n_pat), minlength=n_pat)[pidx], min_tpr)
-             for _ in range(n_boot)]
+    draws = [curve(c[codes], min_tpr) for c in counts]
     kept = np.array([d for d in draws if d is not None])
     if not len(kept):
         raise ValueError(f"bootstrap: none of {n_boot} patient resamples held both classes")
