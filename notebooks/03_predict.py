@@ -67,10 +67,9 @@ pred = predict.predict_sharded(loaded.model, loaded.tokenizer, loaded.image_proc
                                config.stage_dir(run, "03_predict") / "shards",
                                key=str(config.finetuned_dir(run)), batch_size=pcfg["batch_size"],
                                shapes=shapes)
-pred.to_csv(config.predictions_path(run), index=False)
+predict.save(pred, config.predictions_path(run))   # sealed: later stages can tell it whole
 r2 = metrics.r2_table(pred)
-config.metrics_dir(run).mkdir(parents=True, exist_ok=True)
-r2.to_csv(config.r2_path(run), index=False)
+predict.save(r2, config.r2_path(run), job=pred.attrs["job"])
 print(f"{len(pred):,} replies -> {config.predictions_path(run)}\nsummary -> {config.r2_path(run)}")
 
 # %% [markdown]
@@ -163,7 +162,7 @@ if scfg.get("k"):
     kept = qa.ImageCache(release, loaded.image_processor, keep=True)   # read once per question: decode it once
     sampled = predict.sample(loaded.model, loaded.tokenizer, loaded.image_processor, kept, sub,
                              k=scfg["k"], seed=scfg["seed"], batch_size=scfg["batch_size"], shapes=shapes)
-    sampled.to_csv(config.stage_dir(run, "03_predict") / "sampled.csv", index=False)
+    predict.save(sampled, config.stage_dir(run, "03_predict") / "sampled.csv")
     greedy_sub = metrics.r2_table(pred[pred.isic_id.isin(set(sub.isic_id))])
     med_sub = metrics.r2_table(sampled)
     both = pd.concat([greedy_sub.assign(kind="greedy"), med_sub.assign(kind="sampled")])

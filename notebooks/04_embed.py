@@ -32,7 +32,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from IPython.display import display
 
-from skinlib import config, embed, figures, metrics, model as models, qa, slice3d, split, study, tuples
+from skinlib import config, embed, figures, metrics, model as models, qa, resumable, slice3d, split, study, tuples
 
 cfg = config.load_profile(profile)
 ecfg = config.section(cfg, "embed", n_queries=n_queries, batch_size=batch_size)
@@ -139,7 +139,7 @@ ids_q, arr_q = study.load_vectors(run, "tuned_queries")
 q_vals = q.set_index("isic_id").loc[ids_q]
 read = metrics.readout_table({k: arr[k] for k in ("image_text", "image")}, vals,
                              {k: arr_q[k] for k in ("image_text", "image")}, q_vals)
-answers = pd.read_csv(config.r2_path(run))[["attribute", "r2"]].assign(kind="answers")
+answers = pd.read_csv(resumable.verified(config.r2_path(run)))[["attribute", "r2"]].assign(kind="answers")
 table = pd.concat([answers, read[["attribute", "kind", "r2"]]], ignore_index=True)
 fig = figures.readout_vs_answers(table, labels={"answers": "answers (chapter 3)",
                                                 "image_text": "read-out of h_im,a", "image": "read-out of h_im"})

@@ -39,20 +39,20 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Callable, Mapping, NamedTuple, Sequence
 
 import numpy as np
 import torch
 
-from . import attributes
+from . import attributes, resumable
 from .inputs import IMAGE_TOKEN, SYSTEM_PROMPT, VISION_END, EncodedImage, build_batch, encode_images, prefix_length
 
 KINDS = ("image", "image_text")
 IMAGE_ONLY_QUESTION = ""  # the image-only prompt: the user turn holds the image and no text
 STAMP = "job.json"
-FORMAT = 1  # bump when the meaning of a stored array changes
+SHARDS = "shard-*.safetensors"
+FORMAT = 2  # bump when the meaning of a stored array changes (2: shards sealed by skinlib.resumable)
 
 
 # ------------------------------------------------------------------------------------- questions
@@ -276,18 +276,6 @@ def embed_slow(model, tokenizer, image_processor, images: Sequence, questions: S
 
 
 # ---------------------------------------------------------------------- sharded, resumable jobs
-def model_fingerprint(model) -> str:
-    """A cheap identity of the weights: the first and last 8 values of every parameter (no
-    arithmetic, so it is the same on every device). Tuned and untuned models differ here even when
-    a caller reuses a model key."""
-    h = hashlib.sha256()
-    for name, p in getattr(model, "module", model).named_parameters():
-        flat = p.detach().reshape(-1)
-        h.update(name.encode())
-        h.update(flat[:8].float().cpu().numpy().tobytes() + flat[-8:].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 def process_shards(n_shards: int, process_index: int = 0, num_processes: int = 1) -> list[int]:
     """The shards one process writes under `accelerate launch`: i, i+P, i+2P, ..."""
     if not 0 <= process_index < num_processes:
@@ -299,35 +287,18 @@ def _shard_path(out: Path, s: int) -> Path:
     return out / f"shard-{s:05d}.safetensors"
 
 
-def _shard_job(path: Path) -> str | None:
-    """The job a finished shard belongs to (from its safetensors header), None if unreadable."""
-    from safetensors import safe_open
-    try:
-        with safe_open(str(path), framework="np") as f:
-            return (f.metadata() or {}).get("job")
-    except Exception:  # a truncated or foreign file: not a finished shard of any job
-        return None
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
-
-
-def _stamped_job(stamp: Path) -> str | None:
-    try:
-        return json.loads(stamp.read_text()).get("job")
-    except (OSError, ValueError):  # absent or half-written by a killed run: no job yet
-        return None
-
-
 def _fetch(get: Callable, isic_id: str):
     try:
         return get(isic_id)
     except Exception as e:
         e.add_note(f"while reading image {isic_id!r} for embedding")
         raise
+
+
+def _spans(spec: dict) -> list[int]:
+    """Images per shard of a job (the last may be short)."""
+    n, size = spec["n_ids"], spec["shard_size"]
+    return [min(size, n - s) for s in range(0, n, size)]
 
 
 def extract(model, tokenizer, image_processor, images: Mapping | Callable, ids: Sequence[str], out_dir,
@@ -338,10 +309,12 @@ def extract(model, tokenizer, image_processor, images: Mapping | Callable, ids: 
     images: isic_id -> image (PIL, array or EncodedImage): a mapping (e.g. `qa.ImageCache`) or a
         callable. kinds: "image" (h_im, (n, d)) and/or "image_text" (h_im,a, (n, Q, d), Q = len(names)).
     Each shard is one safetensors file, float16 arrays keyed by kind, with the shard's ids and the
-    job id in its header (one file, so arrays and ids are written together, under .partial then
-    renamed). The job (hash of ids, names + their questions, kinds, shard size, `model_key`, and the
-    weights' `model_fingerprint`) is stamped in job.json; shards of another job are deleted, never
-    mixed in; a rerun skips finished shards. Only one shard's embeddings are held at a time.
+    job id in its header, written under `resumable.partial_path` and committed with its seal (job,
+    bytes, sha256, rows). The job (hash of ids, names + their questions, kinds, shard size,
+    `model_key`, and the weights' `resumable.model_fingerprint`) is a `resumable.Stamp` (job.json):
+    shards of another job are deleted, never mixed in. A rerun skips the shards that pass
+    `resumable.check`; one that does not (cut, altered, unsealed, another job's) is named and
+    recomputed. Only one shard's embeddings are held at a time.
     accelerator: an `accelerate.Accelerator` (or anything with process_index, num_processes,
     wait_for_everyone): process i writes shards i, i+P, ...; the main process owns the stamp.
     """
@@ -360,35 +333,33 @@ def extract(model, tokenizer, image_processor, images: Mapping | Callable, ids: 
     atts = [a.name for a in attributes.resolve(names)]
     qs = attribute_questions(atts) if "image_text" in kinds else []
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    spec = {"format": FORMAT, "ids": hashlib.sha256("\n".join(ids).encode()).hexdigest(), "n_ids": len(ids),
-            "names": atts, "questions": qs, "system": SYSTEM_PROMPT, "kinds": list(kinds),
-            "shard_size": shard_size, "model_key": str(model_key), "weights": model_fingerprint(model)}
-    job = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     n_shards = -(-len(ids) // shard_size)
+    spec = {"format": FORMAT, "ids": hashlib.sha256("\n".join(ids).encode()).hexdigest(), "n_ids": len(ids),
+            "n_shards": n_shards, "names": atts, "questions": qs, "system": SYSTEM_PROMPT, "kinds": list(kinds),
+            "shard_size": shard_size, "model_key": str(model_key), "weights": resumable.model_fingerprint(model)}
+    stamp = resumable.Stamp(out, spec, STAMP)
     index, num = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
-
-    stamp = out / STAMP
-    if index == 0 and _stamped_job(stamp) != job:
-        for old in [*out.glob("shard-*.safetensors"), *out.glob("*.partial")]:
-            old.unlink()
-        _write_json(stamp, {**spec, "job": job, "n_shards": n_shards})
+    if index == 0:
+        stamp.begin([SHARDS])
     if accelerator is not None:
         accelerator.wait_for_everyone()
-        current = _stamped_job(stamp)
-        if current != job:
-            raise RuntimeError(f"process {index}: {stamp} holds job {current}, this process computes job {job}; "
-                               "all processes must get the same ids, names, kinds and model")
+        current = stamp.current()
+        if current != stamp.key:
+            raise RuntimeError(f"process {index}: {stamp.path} holds job {current}, this process computes job "
+                               f"{stamp.key}; all processes must get the same ids, names, kinds and model")
+    job = stamp.key
 
     mine = process_shards(n_shards, index, num)
     span = lambda s: ids[s * shard_size:(s + 1) * shard_size]
     todo = []
     for s in mine:
         path = _shard_path(out, s)
-        if path.exists() and _shard_job(path) == job:
+        problem = resumable.check(path, job, rows=len(span(s)))
+        if problem is None:
             continue
-        if path.exists():  # left by another job (copied in, or a stale stamp): never reused
-            path.unlink()
+        if path.exists():  # cut, altered, unsealed or another job's: never reused
+            print(f"embed: recomputing a shard: {problem}")
+        resumable.remove(path)
         todo.append(s)
     get = images.__getitem__ if hasattr(images, "__getitem__") else images
     if not callable(get):
@@ -419,9 +390,8 @@ def extract(model, tokenizer, image_processor, images: Mapping | Callable, ids: 
                                         f"(max |value| {np.abs(full[i]).max():.4g})")
                 arrays[k] = half
             path = _shard_path(out, s)
-            tmp = path.with_name(path.name + ".partial")
-            save_file(arrays, str(tmp), metadata={"job": job, "ids": json.dumps(shard_ids)})
-            os.replace(tmp, path)
+            save_file(arrays, str(resumable.partial_path(path)), metadata={"job": job, "ids": json.dumps(shard_ids)})
+            resumable.commit(path, job, rows=len(shard_ids))
     finally:
         bar.close()
     if accelerator is not None:
@@ -431,31 +401,35 @@ def extract(model, tokenizer, image_processor, images: Mapping | Callable, ids: 
 
 def load_embeddings(out_dir, dtype=np.float16) -> tuple[list[str], dict[str, np.ndarray]]:
     """(ids, kind -> array) of a finished `extract` job, shards concatenated in id order. Every
-    shard must be there and belong to the stamped job; otherwise the error names the shards."""
+    shard must be there, sealed for the stamped job, whole and unaltered (`resumable.check`);
+    otherwise the error names the shards and what is wrong with them (nothing is half-read)."""
     from safetensors import safe_open
 
     out = Path(out_dir)
-    stamp = out / STAMP
-    if not stamp.exists():
-        raise FileNotFoundError(f"{out} has no {STAMP}: not an extract() output folder")
-    spec = json.loads(stamp.read_text())
+    spec = resumable.read_json(out / STAMP)
+    if spec is None or "job" not in spec:
+        raise FileNotFoundError(f"{out} has no readable {STAMP}: not an extract() output folder")
+    if spec.get("format") != FORMAT:
+        raise ValueError(f"{out / STAMP}: format {spec.get('format')}, this code reads {FORMAT}; "
+                         "run extract() again")
     job, n = spec["job"], spec["n_shards"]
+    rows = _spans(spec)
     missing = [s for s in range(n) if not _shard_path(out, s).exists()]
     if missing:
         raise FileNotFoundError(f"{out}: {len(missing)} of {n} shards missing (first: {missing[:5]}); "
                                 "run extract() again to finish the job")
+    damaged = [p for p in (resumable.check(_shard_path(out, s), job, rows=rows[s]) for s in range(n)) if p]
+    if damaged:
+        raise resumable.Damaged(f"{out}: {len(damaged)} of {n} shards cannot be used; run extract() again to "
+                                "redo them. " + "; ".join(damaged[:3]))
     ids: list[str] = []
     parts: dict[str, list[np.ndarray]] = {k: [] for k in spec["kinds"]}
     for s in range(n):
-        path = _shard_path(out, s)
-        with safe_open(str(path), framework="np") as f:
-            meta = f.metadata() or {}
-            if meta.get("job") != job:
-                raise ValueError(f"{path.name} belongs to job {meta.get('job')}, {STAMP} to {job}; "
-                                 "run extract() again to replace it")
-            ids += json.loads(meta["ids"])
+        with safe_open(str(_shard_path(out, s)), framework="np") as f:
+            got = json.loads((f.metadata() or {})["ids"])
+            if len(got) != rows[s]:  # sealed, so only a writer's bug could get here
+                raise ValueError(f"{_shard_path(out, s)}: {len(got)} ids, the job gives it {rows[s]}")
+            ids += got
             for k in parts:
                 parts[k].append(f.get_tensor(k))
-    if len(ids) != spec["n_ids"]:
-        raise ValueError(f"{out}: shards hold {len(ids)} ids, the job has {spec['n_ids']}")
     return ids, {k: np.concatenate(v).astype(dtype, copy=False) for k, v in parts.items()}

@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from . import resumable
+
 MONET_ID = "chanwkim/monet"
 WEIGHTS = "model.safetensors"
 NOTE = "encoder.json"
@@ -340,6 +342,9 @@ class ContrastiveEncoder:
         note = path / NOTE
         if not note.exists() or not (path / WEIGHTS).exists():
             raise FileNotFoundError(f"{path} has no {NOTE} / {WEIGHTS}: not a folder written by train_contrastive")
+        problem = resumable.check_dir(path)
+        if problem is not None:
+            raise resumable.Damaged(f"encoder {problem}; train it again (load_encoder with images does)")
         config = json.loads(note.read_text())
         if config.get("format") != FORMAT:
             raise ValueError(f"{note} is not a {FORMAT} note (format {config.get('format')!r})")
@@ -370,7 +375,8 @@ class ContrastiveEncoder:
 def train_contrastive(images, out_dir, epochs: float = 4.0, batch_size: int = 128, lr: float = 2e-3,
                       seed: int = 0, steps: int | None = None, progress: bool = True, *,
                       temperature: float = 0.2, weight_decay: float = 1e-4, warmup_frac: float = 0.05,
-                      arch: dict | None = None, augment_params: dict | None = None, device=None) -> Path:
+                      arch: dict | None = None, augment_params: dict | None = None, device=None,
+                      data_key: str = "") -> Path:
     """Train a `ContrastiveEncoder` SimCLR-style on `images`; returns `out_dir`.
 
     images: PIL images / HxWx3 uint8 arrays as a list, an (n, H, W, 3) array, an iterable or a
@@ -380,7 +386,9 @@ def train_contrastive(images, out_dir, epochs: float = 4.0, batch_size: int = 12
     and minimises NT-Xent(temperature) on the projection head's outputs; AdamW with linear warmup
     and cosine decay. `steps` (if given) overrides `epochs` (steps = ceil(epochs * n / batch_size)).
     Deterministic for a seed on the CPU (same thread count). Writes model.safetensors and
-    encoder.json (architecture, augmentation, training settings, per-step losses, seconds).
+    encoder.json (architecture, augmentation, training settings, per-step losses, seconds), then
+    seals the folder (`resumable.seal_dir`) as the job of the recipe and `data_key` (what names
+    the training images, e.g. a hash of their ids: see `folder_job`).
 
     Cost (defaults, 96 px, batch 128): ~0.55 s a step on 2 free CPU cores, so 3,500 images x 4
     epochs = 110 steps ~ 1 minute; 2-4x that when other jobs share the cores.
@@ -391,6 +399,7 @@ def train_contrastive(images, out_dir, epochs: float = 4.0, batch_size: int = 12
     rec = recipe(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, steps=steps, temperature=temperature,
                  weight_decay=weight_decay, warmup_frac=warmup_frac, arch=arch, augment_params=augment_params)
     a, aug = rec["arch"], rec["augment_params"]
+    (Path(out_dir) / resumable.DIR_SEAL).unlink(missing_ok=True)  # until the new encoder is whole
     device = torch.device(device or default_device())
     t0 = time.perf_counter()
     data = _stack_images(images, int(a["image_size"]))  # (n, S, S, 3) uint8, CPU
@@ -451,7 +460,7 @@ def train_contrastive(images, out_dir, epochs: float = 4.0, batch_size: int = 12
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = {
-        "format": FORMAT, "version": 1, "arch": a, "augment": aug, "recipe": rec,
+        "format": FORMAT, "version": 1, "arch": a, "augment": aug, "recipe": rec, "data_key": str(data_key),
         "train": {"epochs": float(epochs) if steps is None else total * batch_size / n, "batch_size": batch_size,
                   "lr": lr, "seed": seed, "steps": total, "temperature": temperature,
                   "weight_decay": weight_decay, "warmup_steps": warm, "n_images": n, "labels_used": False,
@@ -459,13 +468,14 @@ def train_contrastive(images, out_dir, epochs: float = 4.0, batch_size: int = 12
         "losses": [round(v, 5) for v in losses],
         "seconds": {"load_images": round(t_load, 2), "total": round(seconds, 2)},
     }
-    # weights first, the note last: a folder with the note is complete
-    tmp = out / (WEIGHTS + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}, str(tmp))
-    os.replace(tmp, out / WEIGHTS)
-    tmp = out / (NOTE + ".tmp")
-    tmp.write_text(json.dumps(config, indent=1))
-    os.replace(tmp, out / NOTE)
+    # each file whole (written aside, then renamed), the folder's seal last: only a sealed folder
+    # is a finished encoder
+    weights = out / WEIGHTS
+    save_file({k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()},
+              str(resumable.partial_path(weights)))
+    os.replace(resumable.partial_path(weights), weights)
+    resumable.write_json(out / NOTE, config)
+    resumable.seal_dir(out, folder_job(rec, data_key))
     return out
 
 
@@ -475,15 +485,16 @@ TRAIN_KEYS = ("epochs", "batch_size", "lr", "seed", "steps", "temperature", "wei
               "arch", "augment_params")
 
 
-def load_encoder(spec: dict, images=None, progress: bool = True, device=None):
+def load_encoder(spec: dict, images=None, progress: bool = True, device=None, data_key: str = ""):
     """An encoder from a profile-like dict.
 
     {"kind": "monet", "name": "chanwkim/monet", "dtype": null, "revision": null} -> MonetEncoder.
     {"kind": "contrastive", "path": "<folder>", <train_contrastive settings: epochs, batch_size, lr,
     seed, steps, temperature, weight_decay, warmup_frac, arch, augment_params>} -> ContrastiveEncoder:
-    loaded from `path` when it holds one trained with these settings; otherwise trained there on
-    `images` (which may be a zero-argument callable, so nothing is decoded when the folder is
-    already good). Without `images` a missing or differently trained folder is an error.
+    loaded from `path` when it holds a whole, unaltered one trained with these settings on the
+    images `data_key` names; otherwise trained there on `images` (which may be a zero-argument
+    callable, so nothing is decoded when the folder is already good). Without `images` a missing,
+    damaged or differently trained folder is an error that says which and why.
     """
     spec = dict(spec)
     kind = spec.pop("kind", None)
@@ -503,12 +514,14 @@ def load_encoder(spec: dict, images=None, progress: bool = True, device=None):
         path = Path(spec.pop("path"))
         settings = {k: v for k, v in spec.items() if v is not None}
         recipe(**settings)  # unknown keys fail before anything is trained
-        stale = _stale(path, settings)
+        stale = _stale(path, settings, data_key)
         if stale is None:
             return ContrastiveEncoder.load(path, device)
         if images is None:
             raise FileNotFoundError(f"{path}: {stale}; pass images to train the encoder there")
-        train_contrastive(images, path, progress=progress, device=device, **settings)
+        if (path / NOTE).exists():  # say why a trained encoder is not reused
+            print(f"encoder: training again: {stale}")
+        train_contrastive(images, path, progress=progress, device=device, data_key=data_key, **settings)
         return ContrastiveEncoder.load(path, device)
     raise ValueError(f"encoder kind must be 'monet' or 'contrastive', not {kind!r}")
 
@@ -536,12 +549,26 @@ def recipe(**settings) -> dict:
     return json.loads(json.dumps(r))  # tuples -> lists, as read back from the note
 
 
-def _stale(path: Path, settings: dict) -> str | None:
-    """None if `path` holds an encoder trained with the recipe of `settings`, else why not."""
+def folder_job(rec: dict, data_key: str = "") -> str:
+    """The job key of an encoder folder: its full recipe and what names its training images."""
+    return resumable.job_key({"format": FORMAT, "recipe": rec, "data": str(data_key)})
+
+
+def _stale(path: Path, settings: dict, data_key: str = "") -> str | None:
+    """None if `path` holds a whole, unaltered encoder trained with the recipe of `settings` on the
+    images `data_key` names, else why not (naming the file when one is damaged)."""
     note = path / NOTE
     if not note.exists() or not (path / WEIGHTS).exists():
         return "no trained encoder there"
-    saved = json.loads(note.read_text()).get("recipe") or {}
+    problem = resumable.check_dir(path)
+    if problem is not None:
+        return problem
+    saved = resumable.read_json(note) or {}
     want = recipe(**settings)
-    diff = [k for k in want if json.dumps(want[k], sort_keys=True) != json.dumps(saved.get(k), sort_keys=True)]
-    return f"trained with different settings ({', '.join(diff)})" if diff else None
+    diff = [k for k in want if json.dumps(want[k], sort_keys=True) != json.dumps((saved.get("recipe") or {}).get(k),
+                                                                                  sort_keys=True)]
+    if diff:
+        return f"trained with different settings ({', '.join(diff)})"
+    if str(saved.get("data_key", "")) != str(data_key):
+        return "trained on other images"
+    return resumable.check_dir(path, folder_job(want, data_key))

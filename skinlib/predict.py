@@ -13,6 +13,7 @@ median: a diagnostic of what greedy decoding leaves out, beside (never instead o
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Mapping
 
@@ -20,8 +21,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import answer_format, attributes
+from . import answer_format, attributes, resumable
 from .inputs import build_batch
+
+SHARDS = "shard-*.csv"
+FORMAT = 2  # bump when a stored reply's meaning changes (2: sealed, asked with `generation_config`)
 
 
 def max_answer_tokens(tokenizer, names=None, margin: int = 2) -> int:
@@ -33,6 +37,50 @@ def max_answer_tokens(tokenizer, names=None, margin: int = 2) -> int:
     return longest + margin
 
 
+# Stop tokens of a reply: the chat turn's end (what the answers were trained to end with) and the
+# pad token, as Qwen2-VL-Instruct's release stops.
+STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
+
+
+def generation_config(tokenizer, max_new_tokens: int, sample: bool = False):
+    """The project's whole generation config: plain greedy (or plain sampling: temperature 1, no
+    top-k, top-p or other cut) and nothing else, so a checkpoint's own generation_config (the
+    Qwen2-VL-7B-Instruct release sets repetition_penalty 1.05, which penalises repeated digits)
+    cannot change the readings. Every setting that could touch a reply is written out."""
+    from transformers import GenerationConfig
+
+    stop = [tokenizer.convert_tokens_to_ids(t) for t in STOP_TOKENS]
+    plain = dict(
+        max_new_tokens=int(max_new_tokens), min_new_tokens=0, max_time=None, stop_strings=None,
+        num_beams=1, num_return_sequences=1, use_cache=True,
+        repetition_penalty=1.0, encoder_repetition_penalty=1.0, no_repeat_ngram_size=0,
+        encoder_no_repeat_ngram_size=0, length_penalty=1.0, exponential_decay_length_penalty=None,
+        bad_words_ids=None, sequence_bias=None, suppress_tokens=None, begin_suppress_tokens=None,
+        forced_bos_token_id=None, forced_eos_token_id=None, renormalize_logits=False,
+        remove_invalid_values=False, guidance_scale=None, watermarking_config=None, token_healing=False,
+        output_scores=False, output_logits=False, return_dict_in_generate=False,
+        eos_token_id=stop, pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    if sample:
+        plain.update(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, min_p=None, typical_p=1.0,
+                     epsilon_cutoff=0.0, eta_cutoff=0.0)
+    else:
+        plain.update(do_sample=False)
+    return GenerationConfig(**plain)
+
+
+@contextlib.contextmanager
+def _only(model, config):
+    """Hold `config` as the model's own generation_config for the block: transformers fills every
+    setting a passed config leaves unset from the model's, so the model's must be ours too."""
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    kept = target.generation_config
+    target.generation_config = config
+    try:
+        yield
+    finally:
+        target.generation_config = kept
+
+
 @torch.no_grad()
 def generate(model, tokenizer, image_processor, images, questions, max_new_tokens: int,
              row_shapes=None, sample: bool = False) -> list[str] | tuple[list[str], list[bool]]:
@@ -41,7 +89,8 @@ def generate(model, tokenizer, image_processor, images, questions, max_new_token
     With `row_shapes` (one `answer_format.Shape` per row) each reply is held to its shape, and
     (replies, overridden) is returned: overridden[i] when the constraint changed row i's reply.
     With `sample`, each row's reply is drawn from the model's own distribution instead (temperature
-    1, no top-k or top-p cut; within the shape when constrained), with torch's random state."""
+    1, no top-k or top-p cut; within the shape when constrained), with torch's random state.
+    Decoding follows `generation_config` only, whatever the checkpoint's generation_config says."""
     from transformers import LogitsProcessorList
 
     batch = build_batch(tokenizer, image_processor, images, questions)
@@ -51,11 +100,9 @@ def generate(model, tokenizer, image_processor, images, questions, max_new_token
     if row_shapes is not None:
         constraint = answer_format.FormatConstraint(tokenizer, row_shapes, batch["input_ids"].shape[1])
         extra["logits_processor"] = LogitsProcessorList([constraint])
-    if sample:   # explicit: a checkpoint's generation_config may carry other sampling defaults
-        extra.update(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
-    else:
-        extra.update(do_sample=False)
-    out = model.generate(**batch, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **extra)
+    config = generation_config(tokenizer, max_new_tokens, sample)
+    with _only(model, config):
+        out = model.generate(**batch, generation_config=config, **extra)
     new = out[:, batch["input_ids"].shape[1]:]
     replies = [t.strip() for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
     return (replies, constraint.overridden) if row_shapes is not None else replies
@@ -177,8 +224,30 @@ def sample(model, tokenizer, image_processor, images: Mapping, truth: pd.DataFra
                 parsed.append(int(ok.sum()))
     finally:
         model.train(was_training)
-    return long.assign(pred=medians, samples=texts, parsed=parsed)[
+    res = long.assign(pred=medians, samples=texts, parsed=parsed)[
         ["isic_id", "attribute", "true", "pred", "samples", "parsed"]]
+    res.attrs["job"] = resumable.job_key({   # what the table depends on, for its seal (`save`)
+        "format": FORMAT, "kind": "sample", "ids": resumable.job_key(list(truth.isic_id)),
+        "weights": resumable.model_fingerprint(model), "k": k, "seed": seed, "batch_size": batch_size,
+        "max_new_tokens": max_new_tokens, "attributes": attributes.fingerprint(names),
+        "shapes": None if shapes is None else sorted((a, repr(v)) for a, v in shapes.items())})
+    return res
+
+
+def save(frame: pd.DataFrame, path, job: str | None = None):
+    """Write a table of replies (or their scores) as CSV, atomically, and seal it (job, bytes,
+    sha256, rows): a later reader can tell it whole and unaltered (`resumable.verified`).
+    job: the job that made it; default the frame's own (`attrs["job"]`, set by `predict_sharded`
+    and `sample`)."""
+    from pathlib import Path
+
+    path = Path(path)
+    job = job or frame.attrs.get("job")
+    if not job:
+        raise ValueError(f"save {path.name}: no job given and the frame carries none")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(resumable.partial_path(path), index=False)
+    return resumable.commit(path, job, rows=len(frame))
 
 
 def free_readings(pred: pd.DataFrame) -> pd.DataFrame:
@@ -195,51 +264,61 @@ def scatter_limits(frame: pd.DataFrame, q: float = 0.005) -> tuple[float, float]
     return float(lo - pad), float(hi + pad)
 
 
+def _asked_rows(chunk: pd.DataFrame, names) -> int:
+    """Rows `predict` gives for `chunk`: its (image, attribute) cells with a true value."""
+    return int(chunk[[a.name for a in attributes.resolve(names)]].notna().to_numpy().sum())
+
+
+def _read_shard(path) -> pd.DataFrame:
+    return pd.read_csv(path, keep_default_na=False, na_values=[""], dtype={"reply": str, "free_reply": str})
+
+
 def predict_sharded(model, tokenizer, image_processor, images: Mapping, truth: pd.DataFrame, out_dir,
                     shard_images: int = 250, key: str = "", progress: bool = True, **kw) -> pd.DataFrame:
     """`predict` in shards of `shard_images` images, each written to `out_dir` as it finishes, so an
-    interrupted run resumes where it stopped. `key` (e.g. the model's path) plus the image ids
-    identify the job with a fingerprint of the weights (a model retrained at the same path is
-    another job) and of the registry's questions and answer format: shards of a different job are cleared, never mixed in."""
-    import hashlib
-    import json
+    interrupted run resumes where it stopped.
+
+    The job (`resumable.Stamp`, job.json) is keyed by the image ids, `key` (e.g. the model's path),
+    a fingerprint of the weights (a model retrained at the same path is another job), the registry's
+    questions and answer format and the options: shards of another job are cleared, never mixed in.
+    Each shard is sealed (`resumable.seal`: job, bytes, sha256, rows) once written; a shard that
+    does not pass `resumable.check` (cut short, altered, unsealed, of another job) is named and
+    recomputed, never read."""
     from pathlib import Path
 
     from tqdm.auto import tqdm
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    from .embed import model_fingerprint
-
     options = sorted((k, sorted(v.items()) if isinstance(v, Mapping) else v) for k, v in kw.items())
-    job = hashlib.sha256(("\n".join(truth.isic_id) + f"|{key}|{model_fingerprint(model)}|{shard_images}"
-                          f"|{options}|{attributes.fingerprint(kw.get('names'))}")
-                         .encode()).hexdigest()[:16]
-    stamp = out / "job.json"
-    if not stamp.exists() or json.loads(stamp.read_text()).get("job") != job:
-        for old in out.glob("shard-*.csv"):
-            old.unlink()
-        stamp.write_text(json.dumps({"job": job, "images": len(truth), "key": key}))
-    parts = []
+    spec = {"format": FORMAT, "ids": resumable.job_key(list(truth.isic_id)), "images": len(truth), "key": str(key),
+            "weights": resumable.model_fingerprint(model), "shard_images": shard_images, "options": repr(options),
+            "attributes": attributes.fingerprint(kw.get("names"))}
+    stamp = resumable.Stamp(out, spec)
+    stamp.begin([SHARDS])
     starts = range(0, len(truth), shard_images)
-    done = sum((out / f"shard-{s // shard_images:05d}.csv").exists() for s in starts)
+    path = {s: out / f"shard-{s // shard_images:05d}.csv" for s in starts}
+    chunks = {s: truth.iloc[s:s + shard_images] for s in starts}
+    problem = {s: resumable.check(path[s], stamp.key, rows=_asked_rows(chunks[s], kw.get("names"))) for s in starts}
+    for s in starts:
+        if problem[s] is not None and path[s].exists():   # a missing shard is only not done yet
+            print(f"predict: recomputing a shard: {problem[s]}")
+    done = sum(problem[s] is None for s in starts)
     bar = tqdm(total=len(truth), desc="predict", unit="img", disable=not progress,
                initial=min(len(truth), done * shard_images))
+    parts = []
     for s in starts:
-        path = out / f"shard-{s // shard_images:05d}.csv"
-        if path.exists():
-            parts.append(pd.read_csv(path, keep_default_na=False, na_values=[""],
-                                     dtype={"reply": str, "free_reply": str}))
+        if problem[s] is None:
+            parts.append(_read_shard(path[s]))
             continue
-        chunk = truth.iloc[s:s + shard_images]
-        part = predict(model, tokenizer, image_processor, images, chunk, progress=False, **kw)
-        tmp = path.with_suffix(".partial")
-        part.to_csv(tmp, index=False)
-        tmp.replace(path)
+        resumable.remove(path[s])
+        part = predict(model, tokenizer, image_processor, images, chunks[s], progress=False, **kw)
+        part.to_csv(resumable.partial_path(path[s]), index=False)
+        resumable.commit(path[s], stamp.key, rows=len(part))
         parts.append(part)
-        bar.update(len(chunk))
+        bar.update(len(chunks[s]))
     bar.close()
     res = pd.concat(parts, ignore_index=True)
     res["reply"] = res["reply"].fillna("")
     res["free_reply"] = res["free_reply"].fillna("")
+    res.attrs["job"] = stamp.key
     return res

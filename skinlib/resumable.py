@@ -197,3 +197,60 @@ class Stamp:
                     p.unlink()
         write_json(self.path, {**self.spec, "job": self.key})
         return False
+
+
+# ------------------------------------------------------------------------- a model's identity
+def model_fingerprint(model) -> str:
+    """A cheap identity of the weights: the first and last 8 values of every parameter (no
+    arithmetic, so it is the same on every device). A model retrained at the same path, or tuned
+    and untuned models under one caller's key, differ here."""
+    h = hashlib.sha256()
+    for name, p in getattr(model, "module", model).named_parameters():
+        flat = p.detach().reshape(-1)
+        h.update(name.encode())
+        h.update(flat[:8].float().cpu().numpy().tobytes() + flat[-8:].float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- a listing of finished files
+def listing(root, paths) -> dict:
+    """{path relative to `root`: bytes, mtime_ns, sha256} of finished files, for a stamp that
+    vouches for them (each file is hashed once, when the stamp is written)."""
+    root = Path(root)
+    out = {}
+    for p in sorted(Path(p) for p in paths):
+        st = p.stat()
+        out[p.relative_to(root).as_posix()] = {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest(p)}
+    return out
+
+
+def check_listing(root, files: dict) -> str | None:
+    """None when every file of a `listing` is still there, whole and unaltered; else what is wrong
+    with the first one that is not, naming it. A file whose size and mtime are unchanged is not
+    read again (what makes checking gigabytes cheap); one whose mtime moved (a copy, a touch, a
+    rewrite) is hashed, so only changed contents count."""
+    root = Path(root)
+    for name, meta in sorted(files.items()):
+        p = root / name
+        if not p.is_file():
+            return f"{p}: missing"
+        st = p.stat()
+        if st.st_size != meta["bytes"]:
+            return f"{p}: {st.st_size} bytes, {meta['bytes']} when it was made (cut short or replaced)"
+        if st.st_mtime_ns != meta["mtime_ns"] and digest(p) != meta["sha256"]:
+            return f"{p}: contents differ from those it was made with (sha256 mismatch)"
+    return None
+
+
+# ------------------------------------------------------------------------- reading what is stored
+class Damaged(ValueError):
+    """A stored file that does not pass `check`; the message names it and what is wrong."""
+
+
+def verified(path, job: str | None = None, rows: int | None = None) -> Path:
+    """`path` when it passes `check`; else FileNotFoundError (absent) or `Damaged`, saying what is
+    wrong. For readers that must refuse, not recompute, what they were given."""
+    problem = check(path, job, rows)
+    if problem is not None:
+        raise (FileNotFoundError if not Path(path).exists() else Damaged)(problem)
+    return Path(path)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import attributes, config, embed, evaluate, retrieval
+from . import attributes, config, embed, evaluate, resumable, retrieval
 
 PAPER_METHODS = ("image_text", "hierarchical", "image", "image_untuned", "baseline_encoder")
 EXTRA_METHODS = ("multi_attribute", "image_text_sq8")
@@ -251,15 +251,20 @@ def embed_question(loaded, images, ids, question: str, batch_size: int = 8, chun
 
 
 def save_array(run, name: str, array: np.ndarray) -> Path:
-    """One small array of vectors (float16 .npy, no pickle) next to the extracted shards."""
+    """One small array of vectors (float16 .npy, no pickle) next to the extracted shards, written
+    whole and sealed (`resumable.commit`: bytes, sha256, rows) as job `name`."""
     path = config.embeddings_dir(run, name).with_suffix(".npy")
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.save(path, np.asarray(array, dtype=np.float16), allow_pickle=False)
-    return path
+    array = np.asarray(array, dtype=np.float16)
+    with open(resumable.partial_path(path), "wb") as f:  # a file object: np.save would add ".npy"
+        np.save(f, array, allow_pickle=False)
+    return resumable.commit(path, name, rows=len(array))
 
 
 def load_array(run, name: str) -> np.ndarray:
-    return np.load(config.embeddings_dir(run, name).with_suffix(".npy"), allow_pickle=False).astype(np.float32)
+    """An array `save_array` wrote; a missing, cut, altered or unsealed one is refused, named."""
+    path = resumable.verified(config.embeddings_dir(run, name).with_suffix(".npy"), name)
+    return np.load(path, allow_pickle=False).astype(np.float32)
 
 
 def ordering_counts(check: pd.DataFrame) -> str:
@@ -333,7 +338,16 @@ def baseline_encoder(cfg: dict, run, release, ids):
     elif spec.get("kind") == "contrastive":
         spec = {k: v for k, v in spec.items() if k not in ("name", "dtype", "revision")}
         spec["path"] = str(config.encoder_dir(run))
-    return encoder.load_encoder(spec, images=lambda: [release.image(i) for i in ids])
+    return encoder.load_encoder(spec, images=lambda: [release.image(i) for i in ids],
+                                data_key=training_images_key(cfg, run, ids))
+
+
+def training_images_key(cfg: dict, run, ids) -> str:
+    """What names the images an encoder is trained on: their ids and the image file's name and size
+    (a 100 GB release is not hashed: its size stands in for its contents)."""
+    h5 = config.release_files(cfg, run)[0]
+    return resumable.job_key({"ids": resumable.job_key([str(i) for i in ids]), "images": h5.name,
+                              "bytes": h5.stat().st_size if h5.exists() else None})
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from skinlib import embed as E, inputs, model as mdl
+from skinlib import embed as E, inputs, model as mdl, resumable
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
 TOL = 1e-4
@@ -154,7 +154,7 @@ def test_extract_matches_embed_and_resumes_after_an_interruption(tiny, images, r
     with pytest.raises(RuntimeError, match="disk went away") as err:
         _run(tiny, images, tmp_path, source=Source(images, fail_at=3))
     assert repr(ids[3]) in "".join(getattr(err.value, "__notes__", []))
-    assert [p.name for p in sorted(tmp_path.glob("shard-*"))] == ["shard-00000.safetensors"]
+    assert [p.name for p in sorted(tmp_path.glob("shard-*.safetensors"))] == ["shard-00000.safetensors"]
     with pytest.raises(FileNotFoundError, match="2 of 3 shards missing"):
         E.load_embeddings(tmp_path)
     resumed = _run(tiny, images, tmp_path)
@@ -173,10 +173,15 @@ def test_shards_of_another_job_are_not_reused(tiny, images, reference, tmp_path)
     mine = tmp_path / "mine"
     _run(tiny, images, mine)
     shutil.copy(other / "shard-00001.safetensors", mine / "shard-00001.safetensors")  # a stray shard
-    with pytest.raises(ValueError, match="shard-00001.*belongs to job"):
+    with pytest.raises(ValueError, match="shard-00001.*cut short or replaced"):
         E.load_embeddings(mine)
     assert _run(tiny, images, mine).read == ids[2:4]  # only the foreign shard is redone
     np.testing.assert_array_equal(E.load_embeddings(mine)[1]["image_text"], ref["image_text"])
+    for name in ("shard-00002.safetensors", "shard-00002.safetensors" + resumable.SEAL_SUFFIX):
+        shutil.copy(other / name, mine / name)  # a stray shard with its own seal: another job's
+    with pytest.raises(ValueError, match="shard-00002.*not by this job"):
+        E.load_embeddings(mine)
+    assert _run(tiny, images, mine).read == ids[4:6]
     # another model key is another job: everything is recomputed; so are other weights
     assert _run(tiny, images, mine, model_key="tuned").read == ids
     key = json.loads((mine / E.STAMP).read_text())["weights"]
@@ -185,10 +190,10 @@ def test_shards_of_another_job_are_not_reused(tiny, images, reference, tmp_path)
         kept = p[0, 0].item()
         p[0, 0] = kept + 1.0
         try:
-            assert E.model_fingerprint(tiny.model) != key
+            assert resumable.model_fingerprint(tiny.model) != key
         finally:
             p[0, 0] = kept
-    assert E.model_fingerprint(tiny.model) == key
+    assert resumable.model_fingerprint(tiny.model) == key
 
 
 def test_processes_split_the_shards(tiny, images, reference, tmp_path):
