@@ -4,7 +4,9 @@
 
 Each stage's executed notebook lands next to its artifacts (runs/<profile>/<stage>/<stage>.ipynb).
 A stage is reused when its key (notebook source, profile, skinlib source, input files, the key of
-the stage before) is unchanged; changing anything reruns it and every stage after it. A failing
+the stage before) is unchanged; changing anything reruns it and every stage after it. Its stamp
+lists the files it made (its folder's and those it wrote under metrics/); one that is missing, cut
+or altered since reruns the stage, with a line naming the file and what is wrong. A failing
 stage stops the chain, names the notebook and the cell, and keeps the executed notebook with the
 traceback.
 """
@@ -19,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import config
+from . import config, resumable
 
 PACKAGE_DIR = Path(__file__).parent
 
@@ -61,6 +63,41 @@ def _executed_path(run: Path, stage: str) -> Path:
 
 def _stamp_path(run: Path, stage: str) -> Path:
     return config.stage_dir(run, stage) / ".stage.json"
+
+
+# A stage's stamp vouches for the files it made: every file of its folder and the files it wrote
+# under metrics/ (which later stages read, e.g. 04 reads r2.csv), each with its size, mtime and
+# sha256 (`resumable.listing`). Checking it stats every file and hashes only those whose mtime
+# moved, so a cached `make book` does not read the paper profile's tens of GB of shards again;
+# the shards, arrays and encoder carry their own seals, which their readers hash in full.
+def _metrics_state(run: Path) -> dict[Path, tuple[int, int]]:
+    """(size, mtime_ns) of every file under metrics/: what a stage changed there is its own."""
+    folder = config.metrics_dir(run)
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()} \
+        if folder.is_dir() else {}
+
+
+def _stage_outputs(run: Path, stage: str, metrics_before: dict) -> list[Path]:
+    """The files a stage that just ran made: its folder's (not its stamp) and those it wrote under
+    metrics/ (new or changed since `metrics_before`)."""
+    stamp = _stamp_path(run, stage)
+    own = [p for p in config.stage_dir(run, stage).rglob("*") if p.is_file() and p != stamp]
+    wrote = [p for p, st in _metrics_state(run).items() if metrics_before.get(p) != st]
+    return own + wrote
+
+
+def _write_stamp(run: Path, stage: str, info: dict, outputs: list[Path]) -> None:
+    """The stage's stamp, written whole (after the files it lists)."""
+    resumable.write_json(_stamp_path(run, stage), {**info, "files": resumable.listing(run, outputs)})
+
+
+def _stamp_damage(run: Path, stage: str, info: dict) -> str | None:
+    """None when the files the stamp lists are all there, whole and unaltered; else the first that
+    is not and what is wrong with it."""
+    files = info.get("files")
+    if not isinstance(files, dict) or f"{stage}/{_executed_path(run, stage).name}" not in files:
+        return f"{_stamp_path(run, stage)} lists no files (an older stamp): nothing vouches for the stage's output"
+    return resumable.check_listing(run, files)
 
 
 def execute_stage(stage: str, notebook: Path, profile: str, run: Path, kernel: str | None = None,
@@ -179,22 +216,26 @@ def run_chain(profile: str = "default", out: str | None = None, stages: list[str
         if wanted is not None and stage not in wanted:
             continue
         stamp = _stamp_path(run, stage)
-        if not force and stamp.exists() and json.loads(stamp.read_text()).get("key") == key \
-                and _executed_path(run, stage).exists():
-            print(f"[{stage}] cached: parameters and inputs unchanged (key {key}); reusing {stamp.parent}")
-            status[stage] = "cached"
-            continue
-        if stamp.exists():
-            stamp.unlink()
+        info = None if force else resumable.read_json(stamp)
+        if info is not None and info.get("key") == key:
+            damage = _stamp_damage(run, stage, info)
+            if damage is None:
+                print(f"[{stage}] cached: parameters and inputs unchanged (key {key}); reusing {stamp.parent}")
+                status[stage] = "cached"
+                continue
+            print(f"[{stage}] rerunning: {damage}")
+        stamp.unlink(missing_ok=True)
         print(f"[{stage}] running {nb_rel} (key {key}) ...", flush=True)
+        metrics_before = _metrics_state(run)
         t0 = time.perf_counter()
         try:
             executed = execute_stage(stage, notebook, prof_arg, run, kernel)
         except Exception as e:  # papermill's error names the cell; keep the executed notebook
             raise StageFailed(stage, nb_rel, _executed_path(run, stage), e) from e
         dt = time.perf_counter() - t0
-        stamp.write_text(json.dumps({"key": key, "seconds": round(dt, 1), "notebook": nb_rel,
-                                     "profile": cfg["name"], "finished": time.strftime("%Y-%m-%d %H:%M:%S")}, indent=1))
+        _write_stamp(run, stage, {"key": key, "seconds": round(dt, 1), "notebook": nb_rel, "profile": cfg["name"],
+                                  "finished": time.strftime("%Y-%m-%d %H:%M:%S")},
+                     _stage_outputs(run, stage, metrics_before))
         print(f"[{stage}] done in {dt:.1f} s -> {executed}")
         status[stage] = "ran"
     return status
