@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import attributes, config, model as models, qa, split, tuples, warmup
+from . import attributes, config, model as models, qa, resumable, split, tuples, warmup
 from .inputs import PACKING, check_packed_attention
 from .train import HISTORY, Settings, train
 
@@ -39,16 +40,43 @@ def settings(train_cfg: dict) -> Settings:
     return Settings.from_dict({k: v for k, v in train_cfg.items() if k in TRAIN_KEYS})
 
 
+def _say(line: str) -> None:
+    """A line on stderr from the main process only (under accelerate every process runs this)."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(line, file=sys.stderr)
+
+
+def base_name(cfg: dict, run) -> str:
+    """The base checkpoint's folder or hub id (without building it)."""
+    return str(config.base_model_dir(run)) if cfg["model"]["name"] == "tiny" else str(cfg["model"]["name"])
+
+
 def base_model(cfg: dict, run) -> str:
-    """The base checkpoint: the tiny random-init model built into the run folder, or a hub id/folder."""
+    """The base checkpoint: the tiny random-init model built into the run folder (sealed; rebuilt,
+    with a line saying why, when it fails its seal), or a hub id/folder."""
     m = cfg["model"]
-    if m["name"] == "tiny":
-        path = config.base_model_dir(run)
-        if not (path / "config.json").exists():
-            models.build_tiny(path, sizes=m.get("sizes") or None, seed=m["seed"],
-                              min_pixels=m["min_pixels"], max_pixels=m["max_pixels"])
+    if m["name"] != "tiny":
+        return base_name(cfg, run)
+    path = config.base_model_dir(run)
+    job = resumable.job_key({"tiny": {k: m.get(k) for k in ("sizes", "seed", "min_pixels", "max_pixels")},
+                             "attributes": attributes.fingerprint()})
+    problem = resumable.check_dir(path, job)
+    if problem is None:
         return str(path)
-    return str(m["name"])
+    if path.exists():
+        _say(f"02_finetune: tiny base model {problem}; building it again")
+    # one temporary folder per process: readers under accelerate may find it damaged at once
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    models.build_tiny(tmp, sizes=m.get("sizes") or None, seed=m["seed"],
+                      min_pixels=m["min_pixels"], max_pixels=m["max_pixels"])
+    resumable.seal_dir(tmp, job)
+    shutil.rmtree(path, ignore_errors=True)
+    try:
+        os.replace(tmp, path)
+    except OSError:   # another process put its (identical) build there first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(path)
 
 
 def prepare(cfg: dict, run, device=None, progress: bool = True):
@@ -97,30 +125,58 @@ def recipe(cfg: dict, run_dir) -> dict:
     return json.loads(json.dumps(out))
 
 
-def start_recipe(cfg: dict, run_dir) -> bool:
-    """True when the stage folder holds a finished model of this recipe. Otherwise, what another
-    recipe left there (model, checkpoints, tuples, warm-up, tiny base) is removed, with a line
-    naming what changed, and this recipe is stamped: a changed profile never resumes from, or
-    reuses, another recipe's weights."""
-    import shutil
+def recipe_key(cfg: dict, run_dir) -> str:
+    """The recipe's job key: the saved model and the tuples are sealed with it."""
+    return resumable.job_key(recipe(cfg, run_dir))
 
+
+def start_recipe(cfg: dict, run_dir) -> bool:
+    """True when the stage folder holds a finished model of this recipe (`finished`). Otherwise,
+    what another recipe left there (model, checkpoints, tuples, warm-up, tiny base) is removed,
+    with a line naming what changed, and this recipe is stamped: a changed profile never resumes
+    from, or reuses, another recipe's weights."""
     stage = config.stage_dir(run_dir, "02_finetune")
     stamp, now = stage / RECIPE, recipe(cfg, run_dir)
-    before = json.loads(stamp.read_text()) if stamp.exists() else None
+    before = resumable.read_json(stamp)
     if before == now:
-        return (config.finetuned_dir(run_dir) / models.FINETUNE_NOTE).exists()
+        return finished(run_dir, resumable.job_key(now))
     left = [p for p in (config.finetuned_dir(run_dir), config.checkpoint_dir(run_dir), config.tuples_path(run_dir),
                         stage / warmup.WEIGHTS, config.base_model_dir(run_dir), stage / "launched-profile.yaml")
-            if p.exists()]
+            if p.exists() or resumable.seal_path(p).exists()]
     if left:
-        what = "no recipe stamp" if before is None else ", ".join(_changes(before, now)) or "the recipe"
-        print(f"02_finetune: {what} changed since the files in {stage} were made; removing "
-              f"{', '.join(p.name for p in left)}", file=sys.stderr)
+        if before is None:
+            what = f"{stamp} is unreadable, so" if stamp.exists() else "no recipe stamp:"
+            _say(f"02_finetune: {what} the files in {stage} may be another recipe's; removing "
+                 f"{', '.join(p.name for p in left)}")
+        else:
+            what = ", ".join(_changes(before, now)) or "the recipe"
+            _say(f"02_finetune: {what} changed since the files in {stage} were made; removing "
+                 f"{', '.join(p.name for p in left)}")
         for p in left:
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
+            shutil.rmtree(p) if p.is_dir() else resumable.remove(p)
     stage.mkdir(parents=True, exist_ok=True)
-    stamp.write_text(json.dumps(now, indent=1))
+    resumable.write_json(stamp, now)
     return False
+
+
+def finished(run_dir, job: str) -> bool:
+    """True when the saved model and the tuples of recipe `job` pass their seals. A damaged model
+    is named and removed (the next run saves it again from the last checkpoint, without
+    retraining); damaged tuples are named (the next run writes them again)."""
+    out = config.finetuned_dir(run_dir)
+    if not out.exists():
+        return False
+    problem = models.check_finetuned(out, job)
+    if problem is not None:
+        _say(f"02_finetune: saved model refused: {problem}; saving it again from the last checkpoint")
+        if int(os.environ.get("RANK", 0)) == 0:
+            shutil.rmtree(out, ignore_errors=True)
+        return False
+    problem = resumable.check(config.tuples_path(run_dir), job)
+    if problem is not None:
+        _say(f"02_finetune: training tuples refused: {problem}; writing them again")
+        return False
+    return True
 
 
 def _changes(before, now, prefix: str = "") -> list[str]:
@@ -141,6 +197,11 @@ def run(cfg: dict, run_dir, device=None, progress: bool = True, stop_after: int 
         if start_recipe(cfg, run_dir):
             return _saved_summary(out) | {"reused": True}
         launch(cfg, run_dir, procs, progress=progress)
+        problem = models.check_finetuned(out, recipe_key(cfg, run_dir))
+        if problem is not None:
+            raise RuntimeError(f"02_finetune: the launched processes ended without a finished model ({problem}); "
+                               f"run the stage again to resume from the last checkpoint in "
+                               f"{config.checkpoint_dir(run_dir)}")
         return _saved_summary(out) | {"finished": True, "reused": False}
     # cpu=True also when torch sees no GPU: then `accelerate launch --multi_gpu --num_processes 2`
     # runs as gloo data parallelism on CPU cores instead of two unconnected copies
@@ -153,9 +214,9 @@ def run(cfg: dict, run_dir, device=None, progress: bool = True, stop_after: int 
         if start_recipe(cfg, run_dir):
             return _saved_summary(out) | {"reused": True}
         loaded, tup, cache, st = prepare(cfg, run_dir, device=acc.device, progress=progress)
+    job = recipe_key(cfg, run_dir)
     if acc.is_main_process:
-        config.tuples_path(run_dir).parent.mkdir(parents=True, exist_ok=True)
-        tup.to_parquet(config.tuples_path(run_dir), index=False)
+        save_tuples(tup, config.tuples_path(run_dir), job)
     if cache.keep:
         cache.fill(tup.isic_id.unique(), progress=progress and acc.is_main_process)
     data = qa.TupleDataset(tup, cache, packed=cfg["train"]["packed"])
@@ -177,10 +238,14 @@ def run(cfg: dict, run_dir, device=None, progress: bool = True, stop_after: int 
     result = train(net, data, qa.collate(loaded.tokenizer, loaded.image_processor), st,
                    config.checkpoint_dir(run_dir), accelerator=acc, progress=progress,
                    stop_after=stop_after, count=qa.tuple_counter(loaded.tokenizer))
-    if result["step"] < result["total_steps"]:
-        return result | {"finished": False}
+    if result["step"] < result["total_steps"]:   # only after stop_after: train raises otherwise
+        message = (f"02_finetune: stopped after step {result['step']} of {result['total_steps']} "
+                   f"(stop_after={stop_after}); no model saved yet. Run again to resume from the last "
+                   f"checkpoint in {config.checkpoint_dir(run_dir)}")
+        acc.print(message)
+        return result | {"finished": False, "message": message}
     summary = {
-        "method": cfg["train"]["method"], "base": base_model(cfg, run_dir), "tuples": len(tup),
+        "method": cfg["train"]["method"], "base": base_name(cfg, run_dir), "tuples": len(tup),
         "images": int(tup.isic_id.nunique()), "trainable_parameters": trainable,
         "parameters": total, "steps": result["total_steps"], "resumed_from": result["resumed_from"],
         "train_seconds": round(time.perf_counter() - t0, 1), "processes": acc.num_processes,
@@ -189,14 +254,30 @@ def run(cfg: dict, run_dir, device=None, progress: bool = True, stop_after: int 
     }
     acc.wait_for_everyone()
     if acc.is_main_process:
+        # the summary goes into the folder before it is sealed; the seal is written last
         models.save_finetuned(acc.unwrap_model(net), loaded.tokenizer, loaded.image_processor, out,
-                              base=summary["base"], method=cfg["train"]["method"])
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+                              base=summary["base"], method=cfg["train"]["method"], job=job,
+                              notes={SUMMARY: summary})
+    acc.wait_for_everyone()   # no process returns before the model is whole
     return summary | {"finished": True, "reused": False}
 
 
+SUMMARY = "summary.json"
+
+
+def save_tuples(tup: pd.DataFrame, path: Path, job: str) -> None:
+    """The training tuples (later stages read them), written whole and sealed with their rows."""
+    resumable.remove(path)   # the old seal must not vouch for the new file while it is written
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tup.to_parquet(resumable.partial_path(path), index=False)
+    resumable.commit(path, job, rows=len(tup))
+
+
 def _saved_summary(out: Path) -> dict:
-    return json.loads((out / "summary.json").read_text())
+    summary = resumable.read_json(out / SUMMARY)
+    if summary is None:
+        raise FileNotFoundError(f"{out / SUMMARY}: missing or not whole")
+    return summary
 
 
 def thread_share(cfg: dict, processes: int) -> int:
@@ -230,7 +311,7 @@ def launch(cfg: dict, run_dir, processes: int, progress: bool = True) -> None:
     stage = config.stage_dir(run_dir, "02_finetune")
     stage.mkdir(parents=True, exist_ok=True)
     prof = stage / "launched-profile.yaml"
-    prof.write_text(yaml.safe_dump({k: v for k, v in cfg.items() if k != "inherit"}, sort_keys=False))
+    resumable.write_text(prof, yaml.safe_dump({k: v for k, v in cfg.items() if k != "inherit"}, sort_keys=False))
     cmd = launch_command(processes, ["-m", "skinlib.finetune", "--profile", str(prof), "--out", str(run_dir)]
                          + ([] if progress else ["--quiet"]))
     env = {**os.environ, "OMP_NUM_THREADS": str(thread_share(cfg, processes)), "PYTHONUNBUFFERED": "1"}

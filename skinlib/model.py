@@ -209,36 +209,66 @@ def adapted_modules(model) -> list[str]:
 FINETUNE_NOTE = "finetune.json"
 
 
-def save_finetuned(model, tokenizer, image_processor, out_dir, base: str, method: str) -> Path:
+def save_finetuned(model, tokenizer, image_processor, out_dir, base: str, method: str, job: str = "finetuned",
+                   notes: dict | None = None) -> Path:
     """Save a fine-tuned model so `load_finetuned` can rebuild it; safetensors only.
 
     method "full": the whole model (like a hub checkpoint). method "lora": only the adapter (a few
-    MB for the 7B model), plus a note naming the base it goes on (hub id or folder)."""
-    import json
+    MB for the 7B model), plus a note naming the base it goes on (hub id or folder). `notes`: more
+    JSON files to keep in the folder ({file name: object}, e.g. a summary). The folder is written
+    beside `out_dir`, sealed as `job` (`resumable.seal_dir`) and then renamed over it: a reader
+    finds the old folder, the whole new one, or none, never part of one."""
+    import os
+    import shutil
+
+    from . import resumable
 
     if method not in ("full", "lora"):
         raise ValueError(f"method must be 'full' or 'lora', not {method!r}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     is_peft = hasattr(model, "peft_config")
     if (method == "lora") != is_peft:
         raise ValueError(f"method {method!r} but the model {'is' if is_peft else 'is not'} a peft model")
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    image_processor.save_pretrained(out)
-    (out / FINETUNE_NOTE).write_text(json.dumps({"method": method, "base": str(base)}, indent=1))
+    tmp = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    image_processor.save_pretrained(tmp)
+    resumable.write_json(tmp / FINETUNE_NOTE, {"method": method, "base": str(base)})
+    for name, obj in (notes or {}).items():
+        resumable.write_json(tmp / name, obj)
+    resumable.seal_dir(tmp, job)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
     return out
 
 
+def check_finetuned(path, job: str | None = None) -> str | None:
+    """None when `path` is a whole, unaltered folder written by `save_finetuned` (of `job`, where
+    given); else what is wrong, naming the folder and the file."""
+    from . import resumable
+
+    path = Path(path)
+    if not (path / FINETUNE_NOTE).exists() and not (path / resumable.DIR_SEAL).exists():
+        return f"{path} has no {FINETUNE_NOTE}: not a folder written by save_finetuned"
+    return resumable.check_dir(path, job)
+
+
 def load_finetuned(path, merge: bool = True, **load_kw) -> Loaded:
-    """A folder written by `save_finetuned`. LoRA adapters are put on their base and, with
-    `merge`, folded into its weights (same outputs, no adapter overhead at inference)."""
+    """A folder written by `save_finetuned`, checked against its seal first. LoRA adapters are put
+    on their base and, with `merge`, folded into its weights (same outputs, no adapter overhead at
+    inference)."""
     import json
 
     path = Path(path)
     note = path / FINETUNE_NOTE
-    if not note.exists():
+    if not path.is_dir():
         raise FileNotFoundError(f"{path} has no {FINETUNE_NOTE}: not a folder written by save_finetuned")
+    problem = check_finetuned(path)   # reads every file once: seconds for a 7B model's full weights
+    if problem is not None:
+        raise ValueError(f"fine-tuned model refused: {problem}. Run the fine-tuning stage (02_finetune) "
+                         "again: it saves the model anew from its last checkpoint")
     info = json.loads(note.read_text())
     if info["method"] == "full":
         return load(path, **load_kw)

@@ -11,13 +11,16 @@ The model that is then fine-tuned is an ordinary Qwen2-VL; no test image and no 
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
 
-from . import attributes
+from . import attributes, resumable
 
 WEIGHTS = "vision-warmup.safetensors"
 
@@ -49,11 +52,28 @@ def _pooled(visual, encoded) -> torch.Tensor:
     return torch.stack([t.mean(0) for t in torch.split(tokens, counts)])
 
 
+def job_key(visual, ids, z, steps: int, batch_size: int, lr: float, seed: int) -> str:
+    """What the warmed weights depend on: the settings, the targets (ids and standardised values)
+    and the tower's parameters (names and shapes; the recipe stamp covers where they came from)."""
+    targets = hashlib.sha256(("\n".join(ids)).encode() + np.ascontiguousarray(z).tobytes()).hexdigest()[:16]
+    return resumable.job_key({"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "targets": targets,
+                              "tower": [[n, list(p.shape)] for n, p in visual.named_parameters()]})
+
+
+def _tower(model):
+    return model.model.visual if hasattr(model, "model") and hasattr(model.model, "visual") else model.visual
+
+
 def warm_up(model, tup: pd.DataFrame, images, out_dir, steps: int = 400, batch_size: int = 32,
             lr: float = 1e-3, seed: int = 0, progress: bool = True, accelerator=None) -> dict:
     """Warm up `model`'s vision tower in place (see the module doc); returns {steps, loss_start,
-    loss_end}. The warmed weights are saved in `out_dir`; a second call loads them instead of
-    training again (an interrupted fine-tuning run does not redo the warm-up).
+    loss_end}. The warmed weights are saved (sealed) in `out_dir`; a second call of the same job
+    loads them instead of training again (an interrupted fine-tuning run does not redo the
+    warm-up). A saved file that fails its seal is named and trained again.
+
+    Both ways leave the model in the same state apart from the tower's weights: no gradients, the
+    same requires_grad and train/eval flags, and the global torch RNG as it was (so a resumed run
+    that loads the warm-up continues exactly as the run that trained it).
 
     With an `accelerator` of several processes, every process must call this: each draws the same
     batch of `batch_size` images, encodes its share (every N-th), and the gradients are summed
@@ -61,22 +81,57 @@ def warm_up(model, tup: pd.DataFrame, images, out_dir, steps: int = 400, batch_s
     differences aside) and no process waits idle for another. The main process saves the weights.
     (On 2 CPU cores it takes as long as one process on both cores: the tower's products already
     use two threads well.)"""
-    from safetensors.torch import load_file, save_file
-    from tqdm.auto import tqdm
+    from safetensors.torch import load_file
 
-    visual = model.model.visual if hasattr(model, "model") and hasattr(model.model, "visual") else model.visual
+    visual = _tower(model)
     path = Path(out_dir) / WEIGHTS
-    if path.exists():
+    ids, z, mask = targets(tup)
+    job = job_key(visual, ids, z, steps, batch_size, lr, seed)
+    rank = accelerator.process_index if accelerator else 0
+    problem = resumable.check(path, job)
+    if problem is None:
         visual.load_state_dict(load_file(path))
         return {"steps": steps, "reused": str(path)}
-    ids, z, mask = targets(tup)
+    if rank == 0 and (path.exists() or resumable.seal_path(path).exists()):
+        print(f"vision warm-up: {problem}; training it again", file=sys.stderr)
+    dev = next(visual.parameters()).device
+    with _kept_state(visual, dev):
+        losses = _train_tower(visual, images, ids, z, mask, steps, batch_size, lr, seed, progress, accelerator)
+    if rank == 0:
+        _save(visual, path, job)
+    return {"steps": steps, "loss_start": float(np.mean(losses[:20])), "loss_end": float(np.mean(losses[-20:]))}
+
+
+@contextlib.contextmanager
+def _kept_state(visual, device):
+    """Restore what training the tower changes besides its weights: each module's train/eval
+    flag, each parameter's requires_grad and gradient (the warm-up's last gradients would be added
+    into the first fine-tuning step), and the global torch RNG (CPU, and the tower's GPU)."""
+    device = torch.device(device)
+    modes = [(m, m.training) for m in visual.modules()]
+    params = [(p, p.requires_grad, p.grad) for p in visual.parameters()]
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        try:
+            yield
+        finally:
+            for m, training in modes:
+                m.training = training
+            for p, flag, grad in params:
+                p.grad = grad
+                p.requires_grad_(flag)
+
+
+def _train_tower(visual, images, ids, z, mask, steps, batch_size, lr, seed, progress, accelerator) -> list[float]:
+    """The warm-up steps (a linear read-out of the tower's mean token, discarded after); returns
+    this process's estimate of each step's batch loss."""
+    from tqdm.auto import tqdm
+
     y = torch.tensor(np.nan_to_num(z), dtype=torch.float32)
     m = torch.tensor(mask, dtype=torch.float32)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     dim = visual.merger.mlp[-1].out_features
     head = torch.nn.Linear(dim, y.shape[1]).to(next(visual.parameters()).device)
-    was = visual.training
     visual.train()
     for p in visual.parameters():
         p.requires_grad_(True)
@@ -100,13 +155,17 @@ def warm_up(model, tup: pd.DataFrame, images, out_dir, steps: int = 400, batch_s
         opt.step()
         losses.append(loss.item() * world)   # this process's estimate of the batch loss
         bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-    visual.train(was)
-    if rank == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".partial")
-        save_file({k: v.detach().contiguous().cpu() for k, v in visual.state_dict().items()}, str(tmp))
-        tmp.replace(path)
-    return {"steps": steps, "loss_start": float(np.mean(losses[:20])), "loss_end": float(np.mean(losses[-20:]))}
+    return losses
+
+
+def _save(visual, path: Path, job: str) -> None:
+    """The tower's weights, written whole and then sealed (a file without its seal is redone)."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in visual.state_dict().items()},
+              str(resumable.partial_path(path)))
+    resumable.commit(path, job)
 
 
 def _sum_gradients(params, accelerator) -> None:

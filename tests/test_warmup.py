@@ -40,9 +40,9 @@ def test_warm_up_lowers_its_loss_touches_only_the_vision_tower_and_is_reused(set
     after = loaded.model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all(".visual." in f".{k}" for k in changed), sorted(changed)[:5]
-    # a second model picks up the saved weights without training
+    # a second model picks up the saved weights of the same job without training
     again = mdl.load(path)
-    info2 = warmup.warm_up(again.model, tup, cache, tmp_path, steps=60, progress=False)
+    info2 = warmup.warm_up(again.model, tup, cache, tmp_path, steps=60, batch_size=8, lr=3e-3, progress=False)
     assert "reused" in info2
     for k in changed:
         assert torch.equal(again.model.state_dict()[k], after[k])
