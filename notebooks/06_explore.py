@@ -13,25 +13,29 @@
 # %% [markdown]
 # # Explore the retrievals yourself
 #
-# Pick a query lesion (a test image, or upload your own crop), a retrieval method (a)–(f), an
-# attribute and k: the query is shown with its measured value and the fine-tuned model's answer to
-# the attribute's question, and beside it the top-k database lesions, each with its value and its
-# percentile (paper §4.2; lower = closer to the query than most of the database).
+# Pick a query lesion, a retrieval method (a)–(f), an attribute and k: the query is shown with its
+# measured value and the fine-tuned model's answer to the attribute's question, and beside it the
+# top-k database lesions, each with its value and its percentile (paper §4.2; lower = closer to the
+# query than most of the database).
 #
-# **Live version** (needs a finished run of the chain): `jupyter lab notebooks/06_explore.py` (the
-# `.py` opens as a notebook through jupytext). In this static page there is no kernel, so below the
-# live controls a small set of precomputed picks can be chosen from the list.
+# **In this page** (no kernel) the explorer at the end of the page works from picks precomputed
+# when the book was built: a few dozen test lesions, every method and attribute, k from 1 to 10.
+#
+# **Live** (any test lesion, or your own crop): after `make book`, install JupyterLab once with
+# `.venv/bin/pip install -e '.[live]'` and run `.venv/bin/python -m skinlib.explore`. It opens a
+# fresh notebook copy of this chapter in the ignored folder `live/` (so exploring never changes the
+# repository's files); Run All, then use the controls.
 
 # %% tags=["parameters"]
 profile = "default"  # profile name or path to a profile YAML
 out = None  # run folder; default runs/<profile>
-n_static = 6  # precomputed picks for the static page
+n_static = 40  # test lesions in the book's kernel-free explorer
 live = True  # build the ipywidgets controls (the book's batch run passes False: no frontend there)
 
 # %%
 import time
 
-import matplotlib.pyplot as plt
+import pandas as pd
 from IPython.display import HTML, display
 
 from skinlib import config, explore, study
@@ -47,8 +51,9 @@ print(f"explorer ready in {time.perf_counter() - t0:.1f} s: {len(ex.q_ids):,} qu
 # %% [markdown]
 # ## Live controls (in Jupyter)
 #
-# In this static page the controls are not built (no kernel could answer them); open the notebook
-# in Jupyter to use them.
+# Pick a query from the list (all the run's test queries) or upload a crop; picking a query again,
+# or "clear upload", drops the upload. An upload has no measured value, so its results carry no
+# percentile. In the book the controls are not built (no kernel could answer them).
 
 # %%
 if live:
@@ -56,30 +61,38 @@ if live:
     display(controls.widget)
     controls.show()
 else:
-    print("static page: the live controls are built when the notebook runs in Jupyter (live=True)")
+    print("book: the live controls are built when the notebook runs in Jupyter (live=True)")
 
 # %% [markdown]
 # ## How fast is a pick?
 #
-# The time of one pick (search, percentiles, the model's answer, drawing) for each method, on this
-# machine.
+# One pick is the search, the percentiles, the model's answer and the thumbnails. A method's first
+# pick also builds its in-memory index over the database; later picks reuse it.
 
 # %%
-import pandas as pd
-
 times = []
 for m in explore.METHODS:
-    t = time.perf_counter()
-    fig, _ = explore.panel(ex, ex.q_ids[0], m, "areaMM2", 5)
-    plt.close(fig)
-    times.append({"method": study.LABELS[m], "seconds per pick": round(time.perf_counter() - t, 3)})
+    spent = []
+    for q in ex.q_ids[:2]:  # the first pick builds the index, the second one reuses it
+        t = time.perf_counter()
+        explore.grid_html(ex, explore.pick(ex, q, m, "areaMM2", 5))
+        spent.append(time.perf_counter() - t)
+    times.append({"method": study.LABELS[m], "first pick, s (builds the index)": round(spent[0], 3),
+                  "a later pick, s": round(spent[1], 3)})
 display(pd.DataFrame(times))
 
 # %% [markdown]
-# ## Precomputed picks (works without a kernel)
+# ## The explorer without a kernel
+#
+# Every combination below was computed by the same `Explorer` when the book was built, and is read
+# from the page's own files (no network).
 
 # %%
-picks = study.example_queries(ex.values.loc[ex.q_ids].reset_index(), "areaMM2", n=max(1, n_static // 2),
-                              seed=cfg["seed"])
-choices = [(q, m, a) for q in picks for m, a in (("image_text", "areaMM2"), ("image", "areaMM2"))][:n_static]
-display(HTML(explore.static_page(ex, choices)))
+if live:
+    print("live: the book's precomputed explorer is written by the book's batch run (live=False)")
+else:
+    t = time.perf_counter()
+    written = explore.write_static(ex, explore.static_dir(run), explore.static_queries(ex, n_static, cfg["seed"]))
+    print(f"precomputed {written['queries']} queries, {written['images']:,} thumbnails, "
+          f"{written['bytes'] / 1e6:.2f} MB in {time.perf_counter() - t:.1f} s")
+    display(HTML(explore.static_page(written)))

@@ -93,6 +93,20 @@ def collect(run: str | Path, dest: Path) -> list[Path]:
     return out
 
 
+def explorer_files(run: str | Path, root: Path) -> Path:
+    """Copy the kernel-free explorer's files (06_explore writes them next to its notebook) to
+    root/_vendor/explore, which the pages load as _static/explore/."""
+    from .explore import static_dir  # a late import: skinlib.explore loads torch
+
+    src = static_dir(run)
+    if not (src / "data.js").exists():
+        raise FileNotFoundError(f"{src} lacks data.js: the run's 06_explore stage predates the book's explorer; "
+                                f"run `python -m skinlib.run --out {run} --stages 06_explore --force`")
+    dest = root / "_vendor" / "explore"
+    shutil.copytree(src, dest)
+    return dest
+
+
 def build(run: str | Path, root: str | Path | None = None, strict: bool = True) -> Path:
     """Build the book of `run` in `root` (default: the repository; a test passes a scratch folder,
     into which the book's sources are copied). Returns the html folder."""
@@ -107,6 +121,7 @@ def build(run: str | Path, root: str | Path | None = None, strict: bool = True) 
                 shutil.copy2(src, root / name)
     collect(run, root / "book" / "run")
     vendor(root)
+    explorer_files(run, root)
     exe = Path(sys.executable).with_name("jupyter-book")
     cmd = [str(exe), "build", str(root)] + (["-W", "-n", "--keep-going"] if strict else [])
     subprocess.run(cmd, check=True)

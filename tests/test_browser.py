@@ -111,22 +111,88 @@ def test_every_page_loads_offline_with_no_error(served, browser):
     assert not found, "\n".join(f"{p}: {x}" for p, xs in found.items() for x in xs[:5])
 
 
-def test_the_static_explorer_switches_between_picks(served, browser):
+def _caption(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _expected_pick(ex, q: str, method: str, attribute: str, k: int):
+    """What the page must show for a pick: the run's own search, values and the model's reply,
+    written as the live grid writes them."""
+    from skinlib import attributes
+    unit = attributes.get(attribute).unit
+    top = ex.search(q, method, attribute, k)
+    reply = ex.ask(q, attribute)
+    said = attributes.get(attribute).read_answer(reply)
+    head = [f"query {q}", f"{attribute} {ex.values.loc[q, attribute]:.2f} {unit}".rstrip(),
+            "model says " + (f"{said:.2f} {unit}".rstrip() if said == said else f"no number ({reply!r})")]
+    hits = [(r.isic_id, [f"#{r.rank} {r.isic_id}", f"{getattr(r, attribute):.2f} {unit}".rstrip(),
+                         f"percentile {r.percentile:.0f}" if r.percentile == r.percentile
+                         else "no percentile (no measured value)"]) for r in top.itertuples()]
+    return head, hits
+
+
+def _shown_pick(box):
+    pick = box.locator(".skx-pick")
+    head = _caption(pick.locator(".skx-query figcaption").inner_text())
+    hits = [(h.get_attribute("data-id"), _caption(h.locator("figcaption").inner_text()))
+            for h in pick.locator(".skx-hit").all()]
+    return (pick.get_attribute("data-method"), pick.get_attribute("data-attribute"), int(pick.get_attribute("data-k")),
+            pick.get_attribute("data-query"), pick.locator(".skx-title").inner_text()), head, hits
+
+
+def test_the_static_explorer_shows_the_runs_own_picks(served, browser, smoke_run):
+    """Every control of the kernel-free explorer changes what is shown, and what is shown is what the
+    run's Explorer returns for the same pick (ids, values, percentiles, the model's answer)."""
+    from skinlib import config, explore, study
+    ex = explore.Explorer(config.load_profile("smoke"), smoke_run[0])
     _, base = served
     page, problems = visit(browser, base + "book/run/06_explore.html")
     assert not problems, problems
-    select = page.locator(".explore-static select")
-    n = select.locator("option").count()
-    assert n >= 2
+    box = page.locator(".skx-static")
+    ctl = {n: box.locator(f"[data-control={n}]") for n in ("query", "method", "attribute", "k")}
+    queries = ctl["query"].locator("option").all_inner_texts()
+    assert len(queries) == min(len(ex.q_ids), explore.STATIC_QUERIES) and set(queries) <= set(ex.q_ids)
+    methods = ctl["method"].locator("option").all_inner_texts()
+    assert methods == [study.LABELS[m] for m in explore.METHODS]
+    assert ctl["attribute"].locator("option").all_inner_texts() == list(ex.names)
 
-    def shown():
-        visible = page.locator(".explore-pick:visible")
-        assert visible.count() == 1
-        return visible.get_attribute("data-pick"), visible.locator("img").get_attribute("src")
+    def check(q, method, attribute, k):
+        (m, a, kk, qq, title), head, hits = _shown_pick(box)
+        assert (m, a, kk, qq) == (method, attribute, k, q)
+        assert study.LABELS[method] in title and attribute in title  # the grid names its method
+        want_head, want_hits = _expected_pick(ex, q, method, attribute, k)
+        assert head == want_head and hits == want_hits, (method, attribute, k, q)
+        broken = page.evaluate("Array.from(document.querySelectorAll('.skx-pick img'))"
+                               ".filter(i => !(i.complete && i.naturalWidth > 0)).length")
+        assert broken == 0
 
-    first = shown()
-    assert first[0] == "0"
-    select.select_option(str(n - 1))
-    last = shown()
-    assert last[0] == str(n - 1) and last[1] != first[1]
+    check(queries[0], "image_text", "areaMM2", 5)  # the first view
+    steps = [("method", 1), ("attribute", 5), ("k", 10), ("query", len(queries) - 1), ("method", 2),
+             ("k", 1), ("attribute", 15), ("method", 3), ("query", len(queries) // 2), ("method", 4),
+             ("k", 7), ("method", 5), ("attribute", 0), ("method", 0), ("k", 3)]
+    state = {"query": 0, "method": 0, "attribute": list(ex.names).index("areaMM2"), "k": 5}
+    for control, value in steps:
+        if control == "k":
+            ctl["k"].fill(str(value))
+        else:
+            ctl[control].select_option(str(value))
+        state[control] = value
+        check(queries[state["query"]], explore.METHODS[state["method"]], ex.names[state["attribute"]], state["k"])
     page.context.close()
+
+
+def test_the_static_explorer_works_from_the_disk(smoke_book, browser):
+    """README: open _build/html/index.html. From file:// the explorer still loads its data file."""
+    context = browser.new_context()
+    page = context.new_page()
+    remote: list[str] = []
+    page.on("request", lambda r: r.url.startswith(("file:", "data:")) or remote.append(r.url))
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto((smoke_book / "book/run/06_explore.html").as_uri(), wait_until="load")
+    page.locator(".skx-static .skx-hit").first.wait_for(timeout=10_000)
+    assert page.locator(".skx-static .skx-hit").count() == 5
+    assert page.evaluate("Array.from(document.querySelectorAll('.skx-pick img'))"
+                         ".every(i => i.complete && i.naturalWidth > 0)")
+    assert not errors and not remote, (errors, remote)
+    context.close()

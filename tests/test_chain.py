@@ -113,9 +113,6 @@ def test_the_book_builds_from_the_executed_notebooks(smoke_book):
     assert data_page.count("<img") >= 3  # sample crops, fixtures comparison, distributions
     assert "injected-parameters" not in data_page  # papermill's cell is hidden
     assert "Torop" in (html / "book/references.html").read_text()
-    explore_page = (html / "book/run/06_explore.html").read_text()
-    assert "explore-static" in explore_page and explore_page.count("<option") >= 2
-    assert "data:image/png;base64" in explore_page  # the precomputed picks are in the page itself
 
 
 def test_the_explorer_answers_ids_and_uploaded_images(smoke_run):
@@ -145,33 +142,123 @@ def test_the_explorer_answers_ids_and_uploaded_images(smoke_run):
         assert ex.shapes[name].matches(ex.ask(q, name)), name
 
 
-def test_the_live_controls_redraw_on_every_change(smoke_run):
-    import datetime as dt
-    import io
+def test_the_batched_picks_the_book_precomputes_are_the_single_picks(smoke_run):
+    """The book's explorer is filled by `table` and `ask_rows` (all queries at once, largest k):
+    each row, cut to any k, is what one `search` / `ask` gives, a database image as query included."""
+    from skinlib import explore
+    out, _ = smoke_run
+    ex = explore.Explorer(config.load_profile("smoke"), out)
+    queries = [*ex.q_ids[:6], ex.db_ids[3]]
+    for method in explore.METHODS:
+        for attribute in ("areaMM2", "deltaLB"):
+            ids, pct = ex.table(queries, method, attribute, explore.K_MAX)
+            for qi, q in enumerate(queries):
+                for k in (1, 4, explore.K_MAX):
+                    top = ex.search(q, method, attribute, k)
+                    assert list(top.isic_id) == list(ids[qi, :k]), (method, attribute, q, k)
+                    assert top.percentile.to_numpy() == pytest.approx(pct[qi, :k], nan_ok=True)
+    rows = [(q, a) for q in ex.q_ids[:4] for a in ("areaMM2", "deltaB", "norm_border")]
+    assert ex.ask_rows(rows) == [ex.ask(q, a) for q, a in rows]  # batched as asked one by one
 
+
+def _upload(name: str, content: bytes):
+    import datetime as dt
+    return ({"name": name, "type": "", "size": len(content), "content": memoryview(content),
+             "last_modified": dt.datetime.now(dt.timezone.utc)},)
+
+
+def _png(image) -> bytes:
+    import io
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_the_live_controls_redraw_on_every_change(smoke_run):
+    from skinlib import explore, study
+    out, _ = smoke_run
+    ex = explore.Explorer(config.load_profile("smoke"), out)
+    c = explore.Controls(ex)
+    assert list(c.query.options) == list(ex.q_ids)  # every query of the run, not the first 200
+    first = c.show()
+    q = c.query.value
+
+    def same(a, b):
+        return list(a.isic_id) == list(b.isic_id)
+    assert same(first, ex.search(q, "image_text", "areaMM2", 5))
+    assert c.reply == ex.ask(q, "areaMM2")  # the smoke model may answer with nothing
+    assert study.LABELS["image_text"] in c.grid.value  # the grid names its method
+    c.method.value = "image"  # the observer redraws
+    assert same(c.result, ex.search(q, "image", "areaMM2", 5))
+    assert study.LABELS["image"] in c.grid.value and study.LABELS["image_text"] not in c.grid.value
+    c.k.value = 2
+    assert len(c.result) == 2 and c.grid.value.count('class="skx-card skx-hit"') == 2
+    c.attribute.value = "Bext"
+    assert "Bext" in c.result.columns and "areaMM2" not in c.result.columns
+    c.query.value = ex.q_ids[1]
+    assert same(c.result, ex.search(ex.q_ids[1], "image", "Bext", 2))
+    c.k.value = explore.K_MAX  # every card keeps a text caption of its own (no shrinking figure)
+    assert c.grid.value.count("<figcaption>") == explore.K_MAX + 1
+
+
+def test_an_upload_is_the_query_until_a_query_is_picked_or_it_is_cleared(smoke_run):
     from skinlib import explore
     out, _ = smoke_run
     ex = explore.Explorer(config.load_profile("smoke"), out)
     c = explore.Controls(ex)
-    first = c.show()
-    q = c.query.value
-
-    def pd_eq(a, b):
-        return list(a.isic_id) == list(b.isic_id)
-    assert pd_eq(first, ex.search(q, "image_text", "areaMM2", 5))
-    assert c.reply == ex.ask(q, "areaMM2")  # the smoke model may answer with nothing
-    c.method.value = "image"  # the observer redraws
-    assert pd_eq(c.result, ex.search(q, "image", "areaMM2", 5))
-    c.k.value = 2
-    assert len(c.result) == 2
-    c.attribute.value = "Bext"
-    assert "Bext" in c.result.columns and "areaMM2" not in c.result.columns
-    c.query.value = ex.q_ids[1]
-    assert pd_eq(c.result, ex.search(ex.q_ids[1], "image", "Bext", 2))
-    buf = io.BytesIO()
-    ex.image(ex.db_ids[0]).save(buf, format="PNG")
-    c.upload.value = ({"name": "mine.png", "type": "image/png", "size": buf.tell(),
-                       "content": memoryview(buf.getvalue()),
-                       "last_modified": dt.datetime.now(dt.timezone.utc)},)
-    assert list(c.result.isic_id) == [ex.db_ids[0], *c.result.isic_id[1:]]  # finds its own copy
+    c.show()
+    c.method.value = "image"
+    c.upload.value = _upload("mine.png", _png(ex.image(ex.db_ids[0])))
+    assert list(c.result.isic_id[:1]) == [ex.db_ids[0]]  # finds its own copy
     assert c.result.percentile.isna().all() and c.seconds > 0
+    # no measured value: the captions say so instead of "percentile nan"
+    assert "nan" not in c.grid.value and "no measured value" in c.grid.value
+    assert "mine.png" in c.status.value and not c.clear.disabled
+    c.attribute.value = "Bext"  # other controls keep the upload
+    assert c.result.percentile.isna().all()
+    c.query.value = ex.q_ids[2]  # picking a query drops the upload
+    assert not c.upload.value and c.clear.disabled
+    assert list(c.result.isic_id) == list(ex.search(ex.q_ids[2], "image", "Bext", 5).isic_id)
+    assert c.result.percentile.notna().all() and ex.q_ids[2] in c.status.value
+    c.upload.value = _upload("again.png", _png(ex.image(ex.db_ids[1])))
+    assert c.result.percentile.isna().all()
+    c.clear.click()  # so does the clear button, without touching the list
+    assert not c.upload.value and c.query.value == ex.q_ids[2]
+    assert list(c.result.isic_id) == list(ex.search(ex.q_ids[2], "image", "Bext", 5).isic_id)
+
+
+def test_a_non_image_upload_gets_a_message_and_the_controls_keep_working(smoke_run):
+    from skinlib import explore
+    out, _ = smoke_run
+    ex = explore.Explorer(config.load_profile("smoke"), out)
+    c = explore.Controls(ex)
+    c.show()
+    c.upload.value = _upload("notes.txt", b"not a picture\n")  # raises nothing
+    assert "notes.txt" in c.message and "PNG or JPEG" in c.message and "Error" not in c.message
+    assert "notes.txt" in c.status.value
+    assert not c.upload.value  # dropped: the list's query is shown again
+    assert list(c.result.isic_id) == list(ex.search(c.query.value, "image_text", "areaMM2", 5).isic_id)
+    c.k.value = 3  # a later change neither repeats the message nor fails
+    assert c.message == "" and len(c.result) == 3 and "notes.txt" not in c.status.value
+    with pytest.raises(explore.BadUpload, match="truncated|cannot"):
+        explore.read_upload(_upload("cut.png", _png(ex.image(ex.db_ids[0]))[:200])[0])
+
+
+def test_the_book_carries_the_kernel_free_explorer_within_its_budget(smoke_run, smoke_book):
+    """The page loads its picks from the book's own static files, and they fit the stated budget."""
+    from skinlib import explore
+    html = smoke_book
+    page = (html / "book/run/06_explore.html").read_text()
+    assert "skx-static" in page and "_static/explore/" in page
+    assert "cdn" not in page.split("skx-static", 1)[1].lower()  # nothing of the explorer from a CDN
+    files = [p for p in (html / "_static" / "explore").rglob("*") if p.is_file()]
+    size = sum(p.stat().st_size for p in files)
+    assert (html / "_static/explore/data.js") in files and 0 < size <= explore.STATIC_BUDGET
+    # what the explorer adds to the book besides its files: the page and its source copy stay small
+    assert len(page.encode()) < 300_000
+    assert (html / "_sources/book/run/06_explore.ipynb").stat().st_size < 300_000
+    data = json.loads((html / "_static/explore/data.js").read_text().split("=", 1)[1].rstrip().rstrip(";"))
+    ex_q = set(explore.Explorer(config.load_profile("smoke"), smoke_run[0]).q_ids)
+    assert len(data["queries"]) == min(len(ex_q), explore.STATIC_QUERIES) and {q["id"] for q in data["queries"]} <= ex_q
+    thumbs = {p.stem for p in files if p.suffix == ".jpg"}
+    assert {d["id"] for d in data["db"]} | {q["id"] for q in data["queries"]} == thumbs
