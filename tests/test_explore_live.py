@@ -21,6 +21,7 @@ import nbformat
 import pytest
 
 from skinlib import config, explore
+from test_browser import FLAGS, chromium  # noqa: F401 (chromium: the fixture that finds or installs it)
 
 REPO = config.REPO_ROOT
 TRACKED = REPO / "notebooks" / "06_explore.py"
@@ -71,9 +72,10 @@ def _wait_for_server(url: str, proc, log: Path, seconds: float = 90) -> None:
 
 
 @pytest.fixture
-def lab(smoke_run, tmp_path):
+def lab(request, tmp_path):
     """The README's command on the smoke run, the copy in a scratch folder: (base URL, token, copy)."""
     pytest.importorskip("jupyterlab", reason="JupyterLab is not installed (pip install -e '.[live]')")
+    smoke_run = request.getfixturevalue("smoke_run")  # after the skip: the chain takes minutes
     port, token = _free_port(), "skinlib-test"
     env = dict(os.environ)
     # the reader's own Jupyter settings neither help nor hurt the test
@@ -103,10 +105,8 @@ def _digest(path: Path) -> str:
 
 
 @pytest.mark.slow
-def test_jupyterlab_opens_the_readmes_page_runs_all_and_the_controls_answer(lab, smoke_run, tmp_path):
+def test_jupyterlab_opens_the_readmes_page_runs_all_and_the_controls_answer(lab, chromium, smoke_run, tmp_path):
     from playwright.sync_api import expect, sync_playwright
-
-    from test_browser import CHROMIUM, FLAGS
 
     base, token, copy = lab
     before = _digest(TRACKED)
@@ -121,7 +121,7 @@ def test_jupyterlab_opens_the_readmes_page_runs_all_and_the_controls_answer(lab,
             r.abort()
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS, chromium_sandbox=False)
+        browser = p.chromium.launch(executable_path=chromium, args=FLAGS, chromium_sandbox=False)
         context = browser.new_context(viewport={"width": 1400, "height": 1000})
         context.route("**/*", route)
         page = context.new_page()
