@@ -65,7 +65,7 @@ def base_model(cfg: dict, run) -> str:
         return str(path)
     if path.exists():
         _say(f"02_finetune: tiny base model {problem}; building it again")
-    # one temporary folder per process: readers under accelerate may find it damaged at once
+    # one temporary folder per process: under accelerate several may find it damaged at once
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     models.build_tiny(tmp, sizes=m.get("sizes") or None, seed=m["seed"],

@@ -116,7 +116,8 @@ class EpochBatches(torch.utils.data.Sampler):
 
 def batch_plan(n: int, settings: Settings, processes: int = 1) -> EpochBatches:
     """The sampler `train` uses for `n` items on `processes` processes: `batch_size` items per
-    optimizer step over all processes (rounded down to a multiple of the process count)."""
+    optimizer step over all processes (rounded down to a multiple of the process count, and at
+    least one item per process)."""
     return EpochBatches(n, max(1, settings.batch_size // processes), settings.epochs, settings.seed, processes)
 
 
