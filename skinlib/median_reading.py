@@ -27,7 +27,9 @@ value (leading zeros: "5.2" and "05.2" are one value). A reading is therefore ex
 exception: at most `beam` prefixes per question are asked at each enumerated depth (the likeliest);
 the mass under the others is left out ("unresolved", reported per reading as eps). The reading is
 then the median of the resolved part, which lies between the whole distribution's (q - eps) and
-(q + eps) quantiles. The default beam enumerates integer parts of up to three digits fully.
+(q + eps) quantiles. The default beam enumerates integer parts of up to three digits fully. The
+cost of an open width is one row per asked prefix, in the steps of the integer part: 10 rows for
+1-2 digits, 10 + 100 for 2-3; a fixed-width question takes one row throughout.
 """
 from __future__ import annotations
 
@@ -42,7 +44,9 @@ import torch
 
 from . import answer_format, attributes
 from .answer_format import DIGITS, END, Shape
+from .embed import _core
 from .inputs import build_batch
+from .predict import _asked
 
 CHARS = DIGITS + "-." + END   # an answer's characters: the columns of a row's log-probabilities
 _COL = {c: i for i, c in enumerate(CHARS)}
@@ -68,8 +72,6 @@ class _Decoder:
     so a row that waits for others stays exactly what it was."""
 
     def __init__(self, model, batch: dict, char_ids: list[int], pad_id: int):
-        from .embed import _core
-
         self.core = _core(model)
         self.head = _unwrap(model).get_output_embeddings()
         self.cols, self.pad = torch.tensor(char_ids), pad_id
@@ -339,8 +341,8 @@ def predict(model, tokenizer, image_processor, images: Mapping, truth: pd.DataFr
     the reading) and unresolved (eps: the reading lies between the q - eps and q + eps quantiles)."""
     from tqdm.auto import tqdm
 
-    from .predict import _asked
-
+    if shapes is None:
+        raise ValueError("the median reading needs answer shapes (answer_format.shapes of the training answers)")
     atts = attributes.resolve(names)
     long, questions, _ = _asked(tokenizer, truth, atts, names, None, shapes)
     was_training = model.training
