@@ -39,7 +39,7 @@ import numpy as np
 import pandas as pd
 from IPython.display import Markdown, display
 
-from skinlib import attributes, config, malignancy, malignancy_figures, split, study
+from skinlib import attributes, config, malignancy, malignancy_figures, phantom, split, study
 
 cfg = config.load_profile(profile)
 run = config.run_dir(cfg, out)
@@ -153,6 +153,19 @@ if skipped:   # the draws are shared, so on the same test images every set skips
     print(f"{', '.join(map(str, sorted(skipped)))} of {n_boot} resamples held no malignant (or no benign) "
           "lesion and were not scored")
 print(f"-> {paths[0]}\n-> {paths[1]}")
+
+# %% [markdown]
+# On the phantom the label was drawn from P(malignant | the 16 attributes) itself, an additive
+# model with bends (`skinlib.phantom`), not a straight line per attribute: that probability ranks
+# the test images as well as anything can. Compare it with the row "true attributes", the linear
+# probe on the same values: the gap is what a straight line per attribute misses.
+
+# %%
+if cfg["data"]["source"] == "phantom":
+    raw = attributes.named(pd.read_csv(metadata_csv)).set_index("isic_id").loc[test.isic_id, list(attributes.NAMES)]
+    own = phantom.malignancy_logit(raw.to_numpy())
+    print(f"the phantom's own model on these {len(test)} test images: AUC {malignancy.roc_auc(test.target, own):.3f}, "
+          f"pAUC {malignancy.partial_auc(test.target, own):.3f}")
 
 # %% [markdown]
 # ## ROC curves
