@@ -29,10 +29,11 @@ split_seed = None
 on_error = None
 
 # %%
+import matplotlib.pyplot as plt
 import pandas as pd
 from IPython.display import display
 
-from skinlib import attributes, config, figures, metrics, phantom, slice3d, split
+from skinlib import attributes, config, figures, malignancy, malignancy_figures, metrics, phantom, slice3d, split
 
 cfg = config.load_profile(profile)
 data = config.section(cfg, "data", n_images=n_images, phantom_seed=phantom_seed,
@@ -87,10 +88,15 @@ print(f"exclusions written to {config.exclusions_path(run)} ({len(table)} rows)"
 
 # %%
 frame = ds.attribute_frame()
-sp = split.patient_split(frame, test_fraction=data["test_fraction"], seed=data["split_seed"])
+labels = ds.labels()   # None for a release without `target`
+# with labels, both halves must hold malignant lesions (chapter 6 fits and scores on them)
+sp = split.patient_split(frame, test_fraction=data["test_fraction"], seed=data["split_seed"],
+                         target=None if labels is None else labels.target.to_numpy())
 manifest = frame.merge(sp[["isic_id", "split"]], on="isic_id", validate="one_to_one")
 split.save_manifest(manifest, config.manifest_path(run))
 summary = manifest.groupby("split").agg(images=("isic_id", "size"), patients=("patient_id", "nunique"))
+if labels is not None:
+    summary["malignant"] = manifest.merge(labels, on="isic_id").groupby("split").target.sum()
 display(summary)
 
 # %% [markdown]
@@ -145,3 +151,23 @@ fig = figures.attribute_distributions(frames, ks=ks)
 if ks is not None:
     display(ks.round(3))
     print(f"largest KS statistic: {ks.ks.max():.3f} ({ks.attribute[ks.ks.idxmax()]})")
+
+# %% [markdown]
+# ## Benign and malignant lesions
+#
+# Malignant lesions are larger, more varied in colour and darker against their skin than benign
+# ones. Below, per attribute, the median of the malignant lesions minus that of the benign ones, in
+# interquartile ranges of the attribute: this release beside the 5,000 real rows (on the phantom
+# the label is drawn from a model fitted on those rows, `skinlib.phantom`; {doc}`06_malignancy`
+# asks how much of it the model's vectors and readings recover).
+
+# %%
+if labels is not None:
+    diffs = {f"{data['source']}": malignancy.attribute_differences(manifest.merge(labels, on="isic_id"))}
+    if real5k.exists():
+        real_labelled = attributes.zeros_as_missing(attributes.named(pd.read_csv(real5k), keep=("target",)))
+        diffs["real SLICE-3D (5k rows)"] = malignancy.attribute_differences(real_labelled)
+    fig = malignancy_figures.attribute_differences(diffs)
+    plt.show()
+else:
+    print(f"{metadata_csv.name} has no target column: no malignancy labels in this release")

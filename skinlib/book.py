@@ -94,14 +94,14 @@ def collect(run: str | Path, dest: Path) -> list[Path]:
 
 
 def explorer_files(run: str | Path, root: Path) -> Path:
-    """Copy the kernel-free explorer's files (06_explore writes them next to its notebook) to
+    """Copy the kernel-free explorer's files (07_explore writes them next to its notebook) to
     root/_vendor/explore, which the pages load as _static/explore/."""
     from .explore import static_dir  # a late import: skinlib.explore loads torch
 
     src = static_dir(run)
     if not (src / "data.js").exists():
-        raise FileNotFoundError(f"{src} lacks data.js: the run's 06_explore stage predates the book's explorer; "
-                                f"run `python -m skinlib.run --out {run} --stages 06_explore --force`")
+        raise FileNotFoundError(f"{src} lacks data.js: the run's 07_explore stage predates the book's explorer; "
+                                f"run `python -m skinlib.run --out {run} --stages 07_explore --force`")
     dest = root / "_vendor" / "explore"
     shutil.copytree(src, dest)
     return dest

@@ -29,13 +29,14 @@ STAGES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("03_predict", "notebooks/03_predict.py", ("predict",)),
     ("04_embed", "notebooks/04_embed.py", ("embed",)),
     ("05_retrieval", "notebooks/05_retrieval.py", ("retrieval",)),
-    ("06_explore", "notebooks/06_explore.py", ("retrieval",)),
-    ("07_performance", "notebooks/07_performance.py", ()),
+    ("06_malignancy", "notebooks/06_malignancy.py", ()),
+    ("07_explore", "notebooks/07_explore.py", ("retrieval",)),
+    ("08_performance", "notebooks/08_performance.py", ()),
 )
 # Parameters the batch run gives a stage besides profile and out.
-STAGE_PARAMETERS: dict[str, dict] = {"06_explore": {"live": False}}
+STAGE_PARAMETERS: dict[str, dict] = {"07_explore": {"live": False}}
 # Files besides the data that a stage reads (hashed into its cache key).
-STAGE_INPUTS: dict[str, tuple[str, ...]] = {"07_performance": ("bench/results.csv",)}
+STAGE_INPUTS: dict[str, tuple[str, ...]] = {"08_performance": ("bench/results.csv",)}
 STAGE_NAMES: tuple[str, ...] = tuple(s[0] for s in STAGES)
 
 
@@ -367,6 +368,16 @@ def percentiles_path(run) -> Path:
 
 def retrieval_path(run) -> Path:
     return metrics_dir(run) / "retrieval.csv"
+
+
+def malignancy_path(run) -> Path:
+    """The malignancy probes' results: one row per feature set (06_malignancy)."""
+    return metrics_dir(run) / "malignancy.csv"
+
+
+def malignancy_scores_path(run) -> Path:
+    """One row per (test lesion, feature set): the probe's score and the label."""
+    return metrics_dir(run) / "malignancy_scores.csv"
 
 
 def ordering_path(run) -> Path:

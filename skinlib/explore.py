@@ -1,4 +1,4 @@
-"""The retrieval explorer behind notebooks/06_explore.py: pick a query, a method, an attribute, k.
+"""The retrieval explorer behind notebooks/07_explore.py: pick a query, a method, an attribute, k.
 
 `Explorer` loads a finished run's vectors once and answers each pick from in-memory flat indexes;
 an uploaded image is embedded on the spot by the model(s) the method needs. `Controls` are the live
@@ -9,7 +9,7 @@ and `static_page` is the plain-JavaScript explorer that reads them (no network, 
     python -m skinlib.explore --profile default     # the live explorer in JupyterLab
 
 opens a fresh copy of the chapter in an ignored folder (`live/`), so exploring never writes into
-the tracked notebooks/06_explore.py.
+the tracked notebooks/07_explore.py.
 """
 from __future__ import annotations
 
@@ -39,8 +39,8 @@ THUMB_PX = 112      # thumbnails: the embedded default's crops are 90-160 px, th
 # from the end of the list until they fit (the embedded default's 40 fit with room to spare).
 STATIC_BUDGET = 8_000_000
 STATIC_QUERIES = 40
-STATIC_NAME = "static"  # the folder in the 06_explore stage folder; the book serves it as _static/explore
-NOTEBOOK = config.REPO_ROOT / "notebooks" / "06_explore.py"
+STATIC_NAME = "static"  # the folder in the 07_explore stage folder; the book serves it as _static/explore
+NOTEBOOK = config.REPO_ROOT / "notebooks" / "07_explore.py"
 SCRATCH = config.REPO_ROOT / "live"  # ignored by git: the live copy of the chapter
 
 
@@ -421,8 +421,8 @@ class Controls:
 
 # -------------------------------------------------------------------- the book's kernel-free explorer
 def static_dir(run) -> Path:
-    """Where 06_explore writes the kernel-free explorer's files (the book serves them as _static/explore)."""
-    return config.stage_dir(run, "06_explore") / STATIC_NAME
+    """Where 07_explore writes the kernel-free explorer's files (the book serves them as _static/explore)."""
+    return config.stage_dir(run, "07_explore") / STATIC_NAME
 
 
 def static_queries(ex: Explorer, n: int = STATIC_QUERIES, seed: int = 0) -> list[str]:
@@ -618,7 +618,7 @@ def prepare_live(profile: str, run, dest=SCRATCH) -> Path:
     """A fresh notebook copy of the chapter in `dest` with the run's parameters and live=True.
 
     JupyterLab opens an .ipynb as a notebook (a jupytext .py opens in the text editor), and its
-    autosave writes into this copy: the tracked notebooks/06_explore.py is only read."""
+    autosave writes into this copy: the tracked notebooks/07_explore.py is only read."""
     import jupytext
     import nbformat
 
@@ -634,7 +634,7 @@ def prepare_live(profile: str, run, dest=SCRATCH) -> Path:
     nb.cells.insert(at[0] + 1, cell)
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    path = dest / "06_explore.ipynb"
+    path = dest / "07_explore.ipynb"
     jupytext.write(nb, path)
     return path
 
@@ -655,7 +655,7 @@ def missing_run_files(run) -> list[str]:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         description="Open the live retrieval explorer in JupyterLab: a fresh notebook copy of "
-                    "notebooks/06_explore.py in an ignored folder, run against a finished run. "
+                    "notebooks/07_explore.py in an ignored folder, run against a finished run. "
                     "Arguments after -- go to `jupyter lab` (e.g. -- --no-browser --port 8890).")
     ap.add_argument("--profile", default="default", help="profile name or YAML (default: default)")
     ap.add_argument("--run", default=None, help="run folder (default runs/<profile>)")
@@ -674,7 +674,7 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 1
     path = prepare_live(a.profile, run, a.dest)
-    print(f"explorer: {path} (a copy; the tracked notebooks/06_explore.py is not written)", flush=True)
+    print(f"explorer: {path} (a copy; the tracked notebooks/07_explore.py is not written)", flush=True)
     extra = [x for x in a.lab_args if x != "--"]
     # replaced by jupyter lab (not a child): Ctrl-C and signals reach the server directly
     os.execv(lab, [str(lab), str(path), *LAB_ARGS, *extra])

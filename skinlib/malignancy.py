@@ -45,18 +45,6 @@ SCORE_COLUMNS = ("isic_id", "features", "score", "target")
 LABEL_COLUMNS = ("isic_id", "patient_id", "target")
 
 
-# ============================================================================ paths
-# These belong in skinlib/config.py with the other derived paths; here until it takes them.
-def malignancy_path(run) -> Path:
-    """The results table: one row per feature set."""
-    return config.metrics_dir(run) / "malignancy.csv"
-
-
-def malignancy_scores_path(run) -> Path:
-    """One row per (test lesion, feature set): the probe's score and the label."""
-    return config.metrics_dir(run) / "malignancy_scores.csv"
-
-
 # ============================================================================ metrics
 def _labels(y, where: str = "labels") -> np.ndarray:
     """`y` as an int array of 0/1; a clear error for anything else."""
@@ -418,7 +406,7 @@ def run_probes(sets: dict, train: pd.DataFrame, test: pd.DataFrame, grid=C_GRID,
 
 def write_results(results: Results, run) -> tuple[Path, Path]:
     """metrics/malignancy.csv and metrics/malignancy_scores.csv of `run`; returns both paths."""
-    paths = malignancy_path(run), malignancy_scores_path(run)
+    paths = config.malignancy_path(run), config.malignancy_scores_path(run)
     paths[0].parent.mkdir(parents=True, exist_ok=True)
     results.table.to_csv(paths[0], index=False)
     results.scores.to_csv(paths[1], index=False)
@@ -454,3 +442,23 @@ def attribute_differences(frame: pd.DataFrame) -> pd.DataFrame:
                      "n_benign": int((ok & (y == 0)).sum()), "n_malignant": int((ok & (y == 1)).sum()),
                      "n_missing": int((~ok).sum())})
     return pd.DataFrame(rows)
+
+
+def comparison_sentence(table: pd.DataFrame) -> str:
+    """The results table in words: the measured attributes against the attributes the model
+    reads (same probe), each vector set, and on how many test images, intervals included."""
+    t = table.set_index("features")
+    ci = lambda r, k: f"{r[k]:.3f} [{r[k + '_lo']:.3f}, {r[k + '_hi']:.3f}]"
+    lines = []
+    if {"true attributes", "predicted attributes (fit on true)"} <= set(t.index):
+        a, b = t.loc["true attributes"], t.loc["predicted attributes (fit on true)"]
+        lines.append(f"The measured attributes give pAUC {ci(a, 'pauc')}; the attributes the model reads give "
+                     f"{ci(b, 'pauc')} with the same probe.")
+    for name in EMBEDDING_SETS:
+        if name in t.index:
+            r = t.loc[name]
+            lines.append(f"{name}: pAUC {ci(r, 'pauc')}, AUC {ci(r, 'auc')}.")
+    if len(t):
+        lines.append(f"All on {int(t.n_test.iloc[0])} test images with {int(t.n_malignant.iloc[0])} malignant "
+                     "lesions; intervals that overlap do not separate two rows.")
+    return " ".join(lines)

@@ -5,7 +5,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from . import malignancy
+from . import attributes, malignancy
 
 
 def _check_scores(scores: pd.DataFrame) -> None:
@@ -85,5 +85,24 @@ def contributions(row: pd.Series, names, title: str | None = None, ax=None):
     ax.axvline(0, color="0.3", lw=0.8)
     ax.set(xlabel="contribution to the log-odds", title=title or f"{row.get('isic_id', '')}: log-odds {row['score']:.2f}")
     ax.tick_params(axis="y", labelsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def attribute_differences(frames: dict[str, pd.DataFrame], names=None):
+    """Malignant minus benign median per attribute, in IQR units (`malignancy.attribute_differences`
+    of each labelled frame), one bar per frame: does the phantom's label lean on the attributes as
+    the real release's does?"""
+    names = list(names or attributes.NAMES)
+    fig, ax = plt.subplots(figsize=(6.5, 0.3 * len(names) + 1.2))
+    h = 0.8 / len(frames)
+    for j, (label, table) in enumerate(frames.items()):
+        d = table.set_index("attribute").reindex(names).difference.to_numpy(float)
+        ax.barh(np.arange(len(names)) + (j - (len(frames) - 1) / 2) * h, d, height=h, color=f"C{j}", label=label)
+    ax.axvline(0, color="0.3", lw=0.7)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("median malignant − median benign (in IQRs of the attribute)", fontsize=8)
+    ax.legend(frameon=False, fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncols=len(frames))
     fig.tight_layout()
     return fig

@@ -482,6 +482,13 @@ class Slice3D:
             out[a.name] = self._values[:, j]
         return out
 
+    def labels(self) -> pd.DataFrame | None:
+        """isic_id and target (0/1) of the kept rows, in `attribute_frame`'s order; None for a
+        release without labels (the public test metadata has no target column)."""
+        if self._target is None:
+            return None
+        return pd.DataFrame({"isic_id": self._kept_ids, TARGET: self._target})
+
     @property
     def exclusions(self) -> pd.DataFrame:
         """One row per excluded CSV row (attribute "*") or masked value: isic_id, attribute, reason, detail."""

@@ -92,7 +92,7 @@ def visit(browser, url: str):
 def test_every_page_loads_offline_with_no_error(served, browser):
     html, base = served
     pages = pages_of(html)
-    assert "book/run/06_explore.html" in pages and len(pages) >= 12
+    assert "book/run/07_explore.html" in pages and len(pages) >= 12
     found = {}
     for rel in pages:
         page, problems = visit(browser, base + rel)
@@ -146,7 +146,7 @@ def test_the_static_explorer_shows_the_runs_own_picks(served, browser, smoke_run
     from skinlib import config, explore, study
     ex = explore.Explorer(config.load_profile("smoke"), smoke_run[0])
     _, base = served
-    page, problems = visit(browser, base + "book/run/06_explore.html")
+    page, problems = visit(browser, base + "book/run/07_explore.html")
     assert not problems, problems
     box = page.locator(".skx-static")
     ctl = {n: box.locator(f"[data-control={n}]") for n in ("query", "method", "attribute", "k")}
@@ -189,7 +189,7 @@ def test_the_static_explorer_works_from_the_disk(smoke_book, browser):
     page.on("request", lambda r: r.url.startswith(("file:", "data:")) or remote.append(r.url))
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
-    page.goto((smoke_book / "book/run/06_explore.html").as_uri(), wait_until="load")
+    page.goto((smoke_book / "book/run/07_explore.html").as_uri(), wait_until="load")
     page.locator(".skx-static .skx-hit").first.wait_for(timeout=10_000)
     assert page.locator(".skx-static .skx-hit").count() == 5
     assert page.evaluate("Array.from(document.querySelectorAll('.skx-pick img'))"

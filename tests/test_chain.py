@@ -248,7 +248,7 @@ def test_the_book_carries_the_kernel_free_explorer_within_its_budget(smoke_run, 
     """The page loads its picks from the book's own static files, and they fit the stated budget."""
     from skinlib import explore
     html = smoke_book
-    page = (html / "book/run/06_explore.html").read_text()
+    page = (html / "book/run/07_explore.html").read_text()
     assert "skx-static" in page and "_static/explore/" in page
     assert "cdn" not in page.split("skx-static", 1)[1].lower()  # nothing of the explorer from a CDN
     files = [p for p in (html / "_static" / "explore").rglob("*") if p.is_file()]
@@ -256,7 +256,7 @@ def test_the_book_carries_the_kernel_free_explorer_within_its_budget(smoke_run, 
     assert (html / "_static/explore/data.js") in files and 0 < size <= explore.STATIC_BUDGET
     # what the explorer adds to the book besides its files: the page and its source copy stay small
     assert len(page.encode()) < 300_000
-    assert (html / "_sources/book/run/06_explore.ipynb").stat().st_size < 300_000
+    assert (html / "_sources/book/run/07_explore.ipynb").stat().st_size < 300_000
     data = json.loads((html / "_static/explore/data.js").read_text().split("=", 1)[1].rstrip().rstrip(";"))
     ex_q = set(explore.Explorer(config.load_profile("smoke"), smoke_run[0]).q_ids)
     assert len(data["queries"]) == min(len(ex_q), explore.STATIC_QUERIES) and {q["id"] for q in data["queries"]} <= ex_q

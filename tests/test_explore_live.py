@@ -1,6 +1,6 @@
 """The live explorer as a reader meets it: the README's command (`python -m skinlib.explore`) starts a
 real JupyterLab on 127.0.0.1 with a notebook copy of the chapter; a real headless Chromium opens
-it, runs all cells and works the controls; the tracked notebooks/06_explore.py is never written.
+it, runs all cells and works the controls; the tracked notebooks/07_explore.py is never written.
 
 The browser test needs JupyterLab (the `live` extra); where it is not installed, pytest reports it
 as skipped with that reason."""
@@ -24,7 +24,7 @@ from skinlib import config, explore
 from test_browser import FLAGS, chromium  # noqa: F401 (chromium: the fixture that finds or installs it)
 
 REPO = config.REPO_ROOT
-TRACKED = REPO / "notebooks" / "06_explore.py"
+TRACKED = REPO / "notebooks" / "07_explore.py"
 
 
 def test_the_live_copy_is_a_notebook_with_the_runs_parameters(tmp_path):
@@ -40,7 +40,7 @@ def test_the_live_copy_is_a_notebook_with_the_runs_parameters(tmp_path):
 
 def test_the_default_live_folder_is_ignored_by_git():
     """Autosave writes into the copy; the copy's folder must not show up in `git status`."""
-    target = (explore.SCRATCH / "06_explore.ipynb").relative_to(REPO)
+    target = (explore.SCRATCH / "07_explore.ipynb").relative_to(REPO)
     got = subprocess.run(["git", "check-ignore", "-q", str(target)], cwd=REPO)
     assert got.returncode == 0, f"{target} is not ignored by git"
 
@@ -91,7 +91,7 @@ def lab(request, tmp_path):
     base = f"http://127.0.0.1:{port}"
     try:
         _wait_for_server(f"{base}/api/status?token={token}", proc, log)
-        yield base, token, tmp_path / "live" / "06_explore.ipynb"
+        yield base, token, tmp_path / "live" / "07_explore.ipynb"
     finally:
         proc.terminate()  # the command exec'd jupyter lab: this is the server itself
         try:
@@ -126,7 +126,7 @@ def test_jupyterlab_opens_the_readmes_page_runs_all_and_the_controls_answer(lab,
         context.route("**/*", route)
         page = context.new_page()
         try:
-            page.goto(f"{base}/lab/tree/06_explore.ipynb?token={token}")
+            page.goto(f"{base}/lab/tree/07_explore.ipynb?token={token}")
             # opened as a notebook (cells), not as text in the editor
             expect(page.locator(".jp-NotebookPanel .jp-Notebook .jp-Cell").first).to_be_visible(timeout=60_000)
             # Run All before the kernel is connected asks which kernel to start: wait for it
@@ -175,5 +175,5 @@ def test_jupyterlab_opens_the_readmes_page_runs_all_and_the_controls_answer(lab,
             raise
         finally:
             browser.close()
-    assert _digest(TRACKED) == before, "exploring wrote into the tracked notebooks/06_explore.py"
+    assert _digest(TRACKED) == before, "exploring wrote into the tracked notebooks/07_explore.py"
     assert not off_machine, off_machine

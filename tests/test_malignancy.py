@@ -299,3 +299,26 @@ def test_figures_draw_what_they_are_given(study, tmp_path):
     plt.close(fig)
     with pytest.raises(ValueError, match="missing column"):
         malignancy_figures.roc_curves(res.scores.drop(columns="target"))
+
+
+def test_the_comparison_sentence_reads_the_table_with_its_intervals(study):
+    _, te, _, res, _ = study
+    text = malignancy.comparison_sentence(res.table)
+    t = res.table.set_index("features")
+    a = t.loc["true attributes"]
+    assert f"The measured attributes give pAUC {a.pauc:.3f} [{a.pauc_lo:.3f}, {a.pauc_hi:.3f}]" in text
+    assert f"h_im untuned: pAUC {t.loc['h_im untuned'].pauc:.3f}" in text
+    assert f"All on {len(te)} test images with {int(te.target.sum())} malignant" in text
+    assert "h_im fine-tuned" not in text            # a set that was not scored is not read out
+    assert malignancy.comparison_sentence(res.table.iloc[:0]) == ""
+
+
+def test_the_difference_figure_draws_each_source(fixtures_dir):
+    from skinlib import malignancy_figures
+    real = malignancy.attribute_differences(pd.read_csv(fixtures_dir / REAL_5K))
+    half = real.assign(difference=real.difference / 2)
+    fig = malignancy_figures.attribute_differences({"real": real, "half": half})
+    ax = fig.axes[0]
+    widths = [p.get_width() for p in ax.patches]
+    assert widths[:16] == pytest.approx(list(real.difference)) and widths[16:] == pytest.approx(list(half.difference))
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["real", "half"]

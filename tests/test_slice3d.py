@@ -85,6 +85,8 @@ def test_train_sample(train_dir):
         with pytest.raises(IndexError):
             ds[5]
         assert ds.exclusions.empty
+        labels = ds.labels()
+        assert list(labels.isic_id) == list(frame.isic_id) and list(labels.target) == list(raw.target)
         assert ds.verify(progress=False).empty and len(ds) == 5
     assert ds._h5 is None  # closed by the context manager
 
@@ -97,7 +99,7 @@ def test_test_set_without_target(fixtures_dir):
     assert ds.metadata_path == csv
     assert len(ds) == 3 and ds.ids == list(raw["isic_id"])
     assert [ds.image(i).size for i in ds.ids] == [(141, 141), (125, 125), (119, 119)]
-    assert "target" not in ds[0]
+    assert "target" not in ds[0] and ds.labels() is None
     frame = ds.attribute_frame()
     np.testing.assert_array_equal(frame[list(attributes.NAMES)].to_numpy(),
                                   expected_values(csv).to_numpy())

@@ -25,7 +25,7 @@
 # model fitted on 5,000 real SLICE-3D rows (`skinlib.phantom`), at the 7.9 % of malignant lesions of
 # those rows rather than the release's 0.1 %, so that a test split holds enough of them to score.
 # There the true attributes hold everything the label depends on and mark the ceiling; on the real
-# release they do not.
+# release they do not. {doc}`01_data` shows how the label leans on each attribute, beside the real rows.
 
 # %% tags=["parameters"]
 profile = "default"  # profile name or path to a profile YAML
@@ -54,25 +54,6 @@ if manifest.target.isna().any():
 manifest["target"] = manifest.target.astype(int)
 display(manifest.groupby("split").agg(images=("isic_id", "size"), patients=("patient_id", "nunique"),
                                       malignant=("target", "sum")))
-
-# %% [markdown]
-# ## Benign and malignant lesions, attribute by attribute
-#
-# Median of the malignant lesions minus median of the benign ones, in units of the attribute's
-# interquartile range: this run's release beside the 5,000 real rows the phantom was fitted on.
-
-# %%
-fixtures = config.resolve_path(config.section(cfg, "reference")["fixtures_dir"])
-real_csv = fixtures / "isic2024-metadata-sample5k.csv"
-ours = malignancy.attribute_differences(manifest).set_index("attribute")
-diff = ours[["median_benign", "median_malignant", "difference"]].rename(columns={"difference": "this run"})
-if real_csv.is_file():
-    # read as the release is read here: a colour score of 0 means "not measured"
-    real = attributes.zeros_as_missing(attributes.named(pd.read_csv(real_csv), keep=("target",)))
-    diff["real rows"] = malignancy.attribute_differences(real).set_index("attribute").difference
-else:
-    print(f"{real_csv} not found: the real rows' column is left out")
-display(diff.round(2))
 
 # %% [markdown]
 # ## What is scored on what
@@ -207,17 +188,4 @@ plt.show()
 # ## Reading the table
 
 # %%
-t = res.table.set_index("features")
-lines = []
-if {"true attributes", "predicted attributes (fit on true)"} <= set(t.index):
-    a, b = t.loc["true attributes"], t.loc["predicted attributes (fit on true)"]
-    lines.append(f"The measured attributes give pAUC {a.pauc:.3f} [{a.pauc_lo:.3f}, {a.pauc_hi:.3f}]; the "
-                 f"attributes the model reads give {b.pauc:.3f} [{b.pauc_lo:.3f}, {b.pauc_hi:.3f}] with the "
-                 "same probe.")
-for name in malignancy.EMBEDDING_SETS:
-    if name in t.index:
-        r = t.loc[name]
-        lines.append(f"{name}: pAUC {r.pauc:.3f} [{r.pauc_lo:.3f}, {r.pauc_hi:.3f}], AUC {r.auc:.2f}.")
-lines.append(f"All on {int(t.n_test.iloc[0])} test images with {int(t.n_malignant.iloc[0])} malignant lesions; "
-             "intervals that overlap do not separate two rows.")
-display(Markdown(" ".join(lines)))
+display(Markdown(malignancy.comparison_sentence(res.table)))
