@@ -46,7 +46,6 @@ from . import answer_format, attributes
 from .answer_format import DIGITS, END, Shape
 from .embed import _core
 from .inputs import build_batch
-from .predict import _asked
 
 CHARS = DIGITS + "-." + END   # an answer's characters: the columns of a row's log-probabilities
 _COL = {c: i for i, c in enumerate(CHARS)}
@@ -340,6 +339,8 @@ def predict(model, tokenizer, image_processor, images: Mapping, truth: pd.DataFr
     `metrics.r2_table`), in_shape (the unconstrained model's probability of staying in shape along
     the reading) and unresolved (eps: the reading lies between the q - eps and q + eps quantiles)."""
     from tqdm.auto import tqdm
+
+    from .predict import _asked   # here, not at the top: predict may import this module
 
     if shapes is None:
         raise ValueError("the median reading needs answer shapes (answer_format.shapes of the training answers)")
