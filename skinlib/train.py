@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import resumable
+from .loss import labelled_loss
 
 CHECKPOINT_GLOB = "step-*"
 HISTORY = "history.csv"
@@ -347,7 +348,9 @@ def train(model, dataset, collate, settings: Settings, out, accelerator=None, pr
                 set_rng(rng, acc.device)
                 rng = None
             with acc.accumulate(model):
-                loss = model(**batch).loss
+                # the LM head only where labels are, not (rows, length, vocab) logits; the same
+                # loss as model(**batch).loss (skinlib/loss.py)
+                loss = labelled_loss(model, batch)
                 acc.backward(loss)
                 if settings.grad_clip:
                     acc.clip_grad_norm_(params, settings.grad_clip)
