@@ -13,9 +13,11 @@
 # %% [markdown]
 # # Prediction: how well does the model read each attribute? (the paper's Fig. 2)
 #
-# Every test image (patients the model never saw) is asked all 16 questions; the reply is generated
-# greedily and parsed as a number. R² against the measured value, per attribute, says how much of the
-# attribute's variation across lesions the model has learnt to read from the image.
+# Every test image (patients the model never saw) is asked all 16 questions and the reply is read as
+# a number: greedily, as the paper did, and (the embedded default's headline) as the median of the
+# model's whole answer distribution. R² against the measured value, per attribute, says how much of
+# the attribute's variation across lesions the model has learnt to read from the image; each R²
+# carries a 95% interval from resampling test patients.
 
 # %% tags=["parameters"]
 profile = "default"  # profile name or path to a profile YAML
@@ -24,16 +26,20 @@ out = None  # run folder; default runs/<profile>
 n_images = None  # test images asked (None: the profile's; the profile's null: all)
 batch_size = None
 constrain = None  # hold replies to the training answers' shape (None: the profile's)
+reading = None  # the headline reading of r2.csv: greedy or median (None: the profile's)
 
 # %%
 import matplotlib.pyplot as plt
 import pandas as pd
 from IPython.display import Markdown, display
 
-from skinlib import answer_format, answers, config, figures, metrics, model as models, predict, qa, slice3d, split
+from skinlib import (answer_format, answers, config, figures, intervals, metrics, model as models, predict, qa,
+                     slice3d, split)
 
 cfg = config.load_profile(profile)
-pcfg = config.section(cfg, "predict", n_images=n_images, batch_size=batch_size, constrain=constrain)
+pcfg = config.section(cfg, "predict", n_images=n_images, batch_size=batch_size, constrain=constrain,
+                      reading=reading)
+readings = list(dict.fromkeys(["greedy", *pcfg["readings"], pcfg["reading"]]))   # greedy is always read
 run = config.run_dir(cfg, out)
 config.set_threads(cfg.get("threads", 1))
 manifest = split.load_manifest(config.manifest_path(run))
@@ -62,15 +68,32 @@ print(f"profile {cfg['name']!r}: {len(test):,} test images of {int((manifest.spl
 loaded = models.load_finetuned(config.finetuned_dir(run), device=models.default_device())
 release = slice3d.Slice3D(*config.release_files(cfg, run), on_error=cfg["data"]["on_error"])
 images = qa.ImageCache(release, loaded.image_processor, keep=False)
-shapes = answer_format.shapes(pd.read_parquet(config.tuples_path(run))) if pcfg["constrain"] else None
+# the training answers' shapes: for constrained greedy replies, and the only answers the median reads
+needs_shapes = pcfg["constrain"] or "median" in readings
+shapes = answer_format.shapes(pd.read_parquet(config.tuples_path(run))) if needs_shapes else None
 pred = predict.predict_sharded(loaded.model, loaded.tokenizer, loaded.image_processor, images, test,
-                               config.stage_dir(run, "03_predict") / "shards",
-                               key=str(config.finetuned_dir(run)), batch_size=pcfg["batch_size"],
-                               shapes=shapes)
-predict.save(pred, config.predictions_path(run))   # sealed: later stages can tell it whole
-r2 = metrics.r2_table(pred)
-predict.save(r2, config.r2_path(run), job=pred.attrs["job"])
-print(f"{len(pred):,} replies -> {config.predictions_path(run)}\nsummary -> {config.r2_path(run)}")
+                               config.reply_shards_dir(run, "greedy"), key=str(config.finetuned_dir(run)),
+                               batch_size=pcfg["batch_size"], shapes=shapes if pcfg["constrain"] else None)
+frames = {"greedy": pred}
+if "median" in readings:
+    frames["median"] = predict.predict_sharded(
+        loaded.model, loaded.tokenizer, loaded.image_processor, images, test,
+        config.reply_shards_dir(run, "median"), key=str(config.finetuned_dir(run)), reading="median",
+        batch_size=pcfg["batch_size"], shapes=shapes, beam=pcfg["beam"])
+for name, frame in frames.items():
+    predict.save(frame, config.reading_path(run, name))   # sealed: later stages can tell it whole
+
+# R² of every reading with its patient-bootstrap interval; r2.csv holds the profile's headline one
+patient_of = manifest.set_index("isic_id").patient_id
+table = pd.concat([metrics.r2_table(f).merge(intervals.r2_intervals(f, patient_of, seed=cfg["seed"])
+                                             .drop(columns="r2"), on="attribute").assign(reading=name)
+                   for name, f in frames.items()], ignore_index=True)
+head = frames[pcfg["reading"]]
+r2 = table[table.reading == pcfg["reading"]].reset_index(drop=True)
+predict.save(table, config.r2_readings_path(run), job=head.attrs["job"])
+predict.save(r2, config.r2_path(run), job=head.attrs["job"])
+print(f"{len(pred):,} questions, read {' and '.join(frames)}; headline {pcfg['reading']!r} -> "
+      f"{config.r2_path(run).relative_to(run)}")
 
 # %% [markdown]
 # ## Replies that are not a number
@@ -79,30 +102,35 @@ print(f"{len(pred):,} replies -> {config.predictions_path(run)}\nsummary -> {con
 # `unparsed` column of `r2.csv`), with examples.
 
 # %%
-bad = answers.unparsed_report(pred, by="attribute")
-n_bad = int(pred.pred.isna().sum())
-print(f"{n_bad} of {len(pred):,} replies ({n_bad / len(pred):.2%}) are not a number")
+bad = answers.unparsed_report(head, by="attribute")
+n_bad = int(head.pred.isna().sum())
+print(f"{n_bad} of {len(head):,} {pcfg['reading']} readings ({n_bad / len(head):.2%}) are not a number")
 if n_bad:
     display(bad)
 
 # %% [markdown]
 # ## R² per attribute
+#
+# One bar per reading, the whiskers the 95% interval over resampled test patients. *Greedy* is the
+# paper's reading: the likeliest reply string. *Median* reads the model's distribution over every
+# answer of the training answers' shape and takes its median, computed from the token probabilities
+# along one decoding pass (`skinlib.median_reading`): at each character the branch where the
+# cumulative probability, in numeric order, crosses one half. For a fixed-width answer this is the
+# exact median; for integer parts of open width (the sizes) each width's prefixes are enumerated in
+# the same pass, which is exact up to the beam (`predict.beam`, 100: three-digit integer parts in full).
+# Greedy decoding takes the likeliest first character and then its likeliest continuation: where
+# the model is unsure whether a value is below or above 20, greedy replies pile up on a few stock
+# answers either side, while the median moves smoothly with the model's belief.
 
 # %%
-fig = figures.r2_bars(r2, paper_range=(0.71, 0.96))
+fig = figures.r2_readings(table, order=list(frames), labels={"greedy": "greedy reply (the paper's reading)",
+                                                             "median": "median of the answer distribution"})
 plt.show()
-scored = r2.dropna(subset=["r2"])
 paper = ("**The paper** (Qwen2-VL-7B, real SLICE-3D, 118,495 test images): R² between 0.71 and 0.96 "
-         "across the 16 attributes. ")
-if scored.empty:
-    this = f"**This run** ({cfg['name']} profile): no attribute could be scored: no reply was a number."
-else:
-    lo, hi = scored.loc[scored.r2.idxmin()], scored.loc[scored.r2.idxmax()]
-    this = (f"**This run** ({cfg['name']} profile, {len(test):,} test images): R² between {lo.r2:.2f} "
-            f"({lo.attribute}) and {hi.r2:.2f} ({hi.attribute}), median {scored.r2.median():.2f}; "
-            f"{int((scored.r2 >= 0.70).sum())} of {len(r2)} attributes reach 0.70; "
-            f"{n_bad / len(pred):.2%} of the replies were not a number.")
-display(Markdown(paper + this))
+         "across the 16 attributes, greedy. ")
+display(Markdown(paper + metrics.r2_sentence(r2, len(test), cfg["name"], pcfg["reading"], n_bad / len(head))))
+if len(frames) > 1:
+    display(Markdown(metrics.medians_sentence(table, f"On all {len(test):,} test images")))
 display(r2.round(3))
 
 # %% [markdown]
@@ -115,45 +143,19 @@ display(r2.round(3))
 # replies would reach if they were rescaled afterwards.
 
 # %%
-parts = metrics.r2_parts_table(pred)
+parts = metrics.r2_parts_table(head)
 fig = figures.r2_parts(parts)
 plt.show()
-p = parts.set_index("attribute")
-calibrated = p.index[(p.scale + p.offset) < 0.05]
-lines = [f"For {len(calibrated)} of {len(p)} attributes the replies lose less than 0.05 to spread and "
-         "mean together: there the R² is what the replies track, and raising it takes a model that "
-         "sees (or says) more, not a recalibration of its replies."]
-train_values = manifest[manifest.split == "train"]
-below = p[p.r2 < 0]
-if len(below):
-    means = pred.dropna(subset=["pred", "true"]).groupby("attribute")[["pred", "true"]].mean()
-    lines.append("Below zero: " + "; ".join(
-        f"**{a}** (ρ² {r.tracked:.2f}, offset {r.offset:.2f}: replies' mean {means.pred[a]:.2f}, "
-        f"measured mean {means.true[a]:.2f}, training median {train_values[a].median():.2f})"
-        for a, r in below.iterrows()) + ".")
-    # offset-driven: right-skewed in training, replies below the measured mean, and R² >= 0 without the offset
-    skewed = [a for a, r in below.iterrows() if train_values[a].mean() > train_values[a].median()
-              and means.pred[a] < means.true[a] and r.tracked - r.scale >= 0]
-    if skewed:
-        lines.append(f"Where replies barely follow an attribute, greedy decoding gives a typical answer "
-                     f"rather than the average one. {', '.join(skewed)} {'are' if len(skewed) > 1 else 'is'} "
-                     "right-skewed in training (mean above median), so the typical answer lies below the "
-                     "mean, and that offset alone takes the R² below zero.")
-display(Markdown("\n\n".join(lines)))
+display(Markdown(metrics.r2_parts_sentence(parts, head, manifest[manifest.split == "train"])))
 
 # %% [markdown]
-# ## Greedy replies and the model's whole answer
+# ## A check by sampling
 #
-# Greedy decoding takes the likeliest first character and then the likeliest continuation of it.
-# Where the model is unsure whether a value is below or above 20, the first digit goes to the side
-# with more of its probability, and the continuation then to that side's values nearest the other
-# one (19.9x or 20.0x): replies pile up on a few stock answers. The model's distribution holds more
-# than its likeliest string. Here each question is also answered k times by sampling from the
-# model (temperature 1, no top-k or top-p cut, in the answer shape when the profile constrains), and
-# the k replies are read as their median (`skinlib.predict.sample`), on the first test images above.
-# The median of k samples is itself a noisy estimate of the distribution's median, so these bars
-# understate what the distribution holds. The chapter's R² (`r2.csv`) stays the greedy one, as in
-# the paper.
+# Where the profile asks for it (`predict.sample.k`), each question of the first test images is
+# also answered k times by sampling from the model (temperature 1, no top-k or top-p cut, in the
+# answer shape when the profile constrains), and the k replies are read as their median
+# (`skinlib.predict.sample`): a noisy estimate, at k generations per question, of what the median
+# reading above computes in one pass.
 
 # %%
 scfg = pcfg.get("sample") or {}
@@ -162,51 +164,37 @@ if scfg.get("k"):
     kept = qa.ImageCache(release, loaded.image_processor, keep=True)   # read once per question: decode it once
     sampled = predict.sample(loaded.model, loaded.tokenizer, loaded.image_processor, kept, sub,
                              k=scfg["k"], seed=scfg["seed"], batch_size=scfg["batch_size"], shapes=shapes)
-    predict.save(sampled, config.stage_dir(run, "03_predict") / "sampled.csv")
-    greedy_sub = metrics.r2_table(pred[pred.isic_id.isin(set(sub.isic_id))])
-    med_sub = metrics.r2_table(sampled)
-    both = pd.concat([greedy_sub.assign(kind="greedy"), med_sub.assign(kind="sampled")])
-    fig = figures.readout_vs_answers(both, labels={"greedy": "greedy reply",
-                                                   "sampled": f"median of {scfg['k']} sampled replies"})
+    predict.save(sampled, config.sampled_path(run))
+    on_sub = {name: f[f.isic_id.isin(set(sub.isic_id))] for name, f in frames.items()}
+    on_sub[f"median of {scfg['k']} samples"] = sampled
+    sub_table = pd.concat([metrics.r2_table(f).assign(reading=name) for name, f in on_sub.items()])
+    fig = figures.r2_readings(sub_table, paper_range=None)
     plt.show()
-    g, m = greedy_sub.set_index("attribute").r2, med_sub.set_index("attribute").r2
-    gain = (m - g).dropna()
-    top = gain.idxmax()
-    stock = pred[pred.attribute == top].reply.value_counts(normalize=True).head(3)
     n_bad_samples = int(len(sampled) * scfg["k"] - sampled.parsed.sum())
-    display(Markdown(
-        f"On the first {len(sub):,} test images: greedy replies median R² {g.median():.2f} "
-        f"({int((g >= 0.70).sum())} of {len(g)} attributes at 0.70 or more); the median of {scfg['k']} "
-        f"sampled replies {m.median():.2f} ({int((m >= 0.70).sum())} of {len(m)}), higher for "
-        f"{int((gain > 0).sum())} of {len(gain)} attributes. {n_bad_samples} of "
-        f"{len(sampled) * scfg['k']:,} samples were not a number (not counted in the median). "
-        f"The largest gain is **{top}** ({g[top]:.2f} → {m[top]:.2f}); its three most frequent greedy "
-        f"replies over all {len(test):,} test images ("
-        + ", ".join(f"`{r}`" for r in stock.index) + f") are {stock.sum():.0%} of them."))
+    display(Markdown(metrics.medians_sentence(sub_table, f"On the first {len(sub):,} test images")
+                     + f" {n_bad_samples} of {len(sampled) * scfg['k']:,} samples were not a number."))
 else:
-    print("predict.sample.k is 0: the sampled reading is skipped.")
+    print("predict.sample.k is 0: the sampling check is skipped.")
 
 # %% [markdown]
 # ## What the format constraint changed
 #
-# The same model's plain greedy replies, scored alike, next to the constrained ones above; and every
-# reply the constraint changed, with the reply the model would have given without it.
+# The same model's plain greedy replies, scored alike, next to the format-constrained greedy ones;
+# and every reply the constraint changed, with the reply the model would have given without it.
 
 # %%
-free = metrics.r2_table(predict.free_readings(pred))
 over = pred[pred.overridden]
-if shapes is None:
-    print("unconstrained run (predict.constrain false): the replies above are the plain greedy ones.")
+if not pcfg["constrain"]:
+    print("unconstrained run (predict.constrain false): the greedy replies above are the plain ones.")
 else:
-    both = pd.concat([free.assign(kind="plain greedy"), r2.assign(kind="format-constrained")])
-    fig = figures.readout_vs_answers(both)
+    both = pd.concat([metrics.r2_table(predict.free_readings(pred)).assign(reading="plain greedy"),
+                      metrics.r2_table(pred).assign(reading="format-constrained greedy")])
+    fig = figures.r2_readings(both, paper_range=None)
     plt.show()
-    n_free_bad = int(pred.free_pred.isna().sum())
-    display(Markdown(
-        f"The constraint changed **{len(over)} of {len(pred):,} replies** ({len(over) / len(pred):.2%}). "
-        f"Plain greedy: median R² {free.r2.median():.2f}, {int((free.r2 >= 0.70).sum())} attributes "
-        f"at 0.70 or more, {n_free_bad} replies not a number; format-constrained: median "
-        f"{r2.r2.median():.2f}, {int((r2.r2 >= 0.70).sum())} at 0.70 or more, {n_bad} not a number."))
+    display(Markdown(f"The constraint changed **{len(over)} of {len(pred):,} replies** "
+                     f"({len(over) / len(pred):.2%}). " + metrics.medians_sentence(both, "Greedy")
+                     + f" Not a number: {int(pred.free_pred.isna().sum())} plain, {int(pred.pred.isna().sum())} "
+                     "constrained."))
     if len(over):
         display(over[["isic_id", "attribute", "true", "free_reply", "reply"]]
                 .rename(columns={"free_reply": "plain reply", "reply": "constrained reply"})
@@ -219,7 +207,7 @@ else:
 # are drawn on the panel's edge (as triangles) rather than stretching the axes.
 
 # %%
-fig = figures.predicted_vs_true(pred, r2)
+fig = figures.predicted_vs_true(head, r2)
 plt.show()
 
 # %% [markdown]
@@ -229,7 +217,7 @@ plt.show()
 # measured value, with both numbers: where the model is wrong, and whether the image explains it.
 
 # %%
-worst = metrics.worst_cases(pred, r2.sort_values("r2", na_position="first").attribute.head(4),
+worst = metrics.worst_cases(head, r2.sort_values("r2", na_position="first").attribute.head(4),
                             per_attribute=4)
 fig = figures.image_grid(
     [release.image(i) for i in worst.isic_id],

@@ -67,7 +67,7 @@ display(manifest.groupby("split").agg(images=("isic_id", "size"), patients=("pat
 
 # %%
 train = manifest[manifest.split == "train"].reset_index(drop=True)
-pred = pd.read_csv(config.predictions_path(run))
+pred = pd.read_csv(config.reading_path(run, cfg["predict"]["reading"]))   # the headline reading
 q_ids, tuned_q = study.load_vectors(run, "tuned_queries")
 scored = [i for i in q_ids if i in set(pred.isic_id)]
 test = manifest.set_index("isic_id").loc[scored].reset_index()

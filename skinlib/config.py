@@ -132,6 +132,8 @@ SCHEMA: dict = {
     },
     "predict": {
         "n_images": OPT_INT, "batch_size": INT, "constrain": BOOL,
+        "readings": Setting("list", item="str", choices=("greedy", "median")),
+        "reading": Setting("str", choices=("greedy", "median")), "beam": INT,
         "sample": {"k": INT, "n_images": OPT_INT, "seed": INT, "batch_size": INT},
     },
     "embed": {
@@ -335,7 +337,28 @@ def tuples_path(run) -> Path:
 
 
 def predictions_path(run) -> Path:
+    """Greedy replies to every question (03_predict)."""
     return stage_dir(run, "03_predict") / "predictions.csv"
+
+
+def reading_path(run, reading: str) -> Path:
+    """One reading's predictions: greedy is predictions.csv, others <reading>.csv (03_predict)."""
+    return predictions_path(run) if reading == "greedy" else stage_dir(run, "03_predict") / f"{reading}.csv"
+
+
+def reply_shards_dir(run, reading: str) -> Path:
+    """Where one reading's prediction shards are written as they finish (03_predict)."""
+    return stage_dir(run, "03_predict") / ("shards" if reading == "greedy" else f"shards-{reading}")
+
+
+def sampled_path(run) -> Path:
+    """The sampled replies of chapter 3's diagnostic (predict.sample)."""
+    return stage_dir(run, "03_predict") / "sampled.csv"
+
+
+def r2_readings_path(run) -> Path:
+    """R² of every reading the profile scores, with intervals, beside r2.csv's headline."""
+    return metrics_dir(run) / "r2_readings.csv"
 
 
 def metrics_dir(run) -> Path:

@@ -178,3 +178,59 @@ def r2_parts_table(pred: pd.DataFrame) -> pd.DataFrame:
         if len(g):
             rows.append({"attribute": name, **r2_parts(g.true, g.pred), "n": len(g)})
     return pd.DataFrame(rows, columns=["attribute", "r2", "tracked", "scale", "offset", "corr", "n"])
+
+
+def r2_sentence(r2: pd.DataFrame, n_images: int, profile: str, reading: str, unparsed: float) -> str:
+    """"This run" for Fig. 2, from an r2.csv-like table (attribute, r2, and r2_lo/r2_hi where the
+    intervals were computed): range, median, how many attributes reach 0.70 and how many of those
+    do so beyond noise (the interval's lower end), how many sit below zero beyond noise, and the
+    share of replies that were not a number."""
+    scored = r2.dropna(subset=["r2"])
+    head = f"**This run** ({profile} profile, {n_images:,} test images, {reading} reading): "
+    if scored.empty:
+        return head + "no attribute could be scored: no reply was a number."
+    lo, hi = scored.loc[scored.r2.idxmin()], scored.loc[scored.r2.idxmax()]
+    text = (f"R² between {lo.r2:.2f} ({lo.attribute}) and {hi.r2:.2f} ({hi.attribute}), median "
+            f"{scored.r2.median():.2f}; {int((scored.r2 >= 0.70).sum())} of {len(r2)} attributes reach 0.70")
+    if {"r2_lo", "r2_hi"} <= set(scored.columns):
+        firm = int((scored.r2_lo >= 0.70).sum())
+        below = scored.attribute[scored.r2_hi < 0].tolist()
+        text += (f" ({firm} with the whole 95% interval above it); "
+                 + (f"below zero beyond noise: {', '.join(below)}" if below else "none is below zero beyond noise"))
+    return head + text + f"; {unparsed:.2%} of the replies were not a number."
+
+
+def r2_parts_sentence(parts: pd.DataFrame, pred: pd.DataFrame, train_values: pd.DataFrame) -> str:
+    """What `r2_parts_table` says, in words: how many attributes lose little to spread and mean,
+    and for those below zero, whether an offset of a typical (not average) answer explains it."""
+    p = parts.set_index("attribute")
+    calibrated = p.index[(p.scale + p.offset) < 0.05]
+    lines = [f"For {len(calibrated)} of {len(p)} attributes the replies lose less than 0.05 to spread and "
+             "mean together: there the R² is what the replies track, and raising it takes a model that "
+             "sees (or says) more, not a recalibration of its replies."]
+    below = p[p.r2 < 0]
+    if len(below):
+        means = pred.dropna(subset=["pred", "true"]).groupby("attribute")[["pred", "true"]].mean()
+        lines.append("Below zero: " + "; ".join(
+            f"**{a}** (ρ² {r.tracked:.2f}, offset {r.offset:.2f}: replies' mean {means.pred[a]:.2f}, "
+            f"measured mean {means.true[a]:.2f}, training median {train_values[a].median():.2f})"
+            for a, r in below.iterrows()) + ".")
+        # offset-driven: right-skewed in training, replies below the measured mean, R² >= 0 without the offset
+        skewed = [a for a, r in below.iterrows() if train_values[a].mean() > train_values[a].median()
+                  and means.pred[a] < means.true[a] and r.tracked - r.scale >= 0]
+        if skewed:
+            lines.append(f"Where replies barely follow an attribute, they give a typical answer rather than "
+                         f"the average one. {', '.join(skewed)} {'are' if len(skewed) > 1 else 'is'} "
+                         "right-skewed in training (mean above median), so the typical answer lies below the "
+                         "mean, and that offset alone takes the R² below zero.")
+    return "\n\n".join(lines)
+
+
+def medians_sentence(table: pd.DataFrame, where: str) -> str:
+    """Per reading of a table (attribute, r2, reading), the median R² over the attributes and how
+    many reach 0.70, in one sentence that starts with `where`."""
+    parts = []
+    for name, g in table.groupby("reading", sort=False):
+        r = g.r2.dropna()
+        parts.append(f"{name}: R² median {r.median():.2f}, {int((r >= 0.70).sum())} of {len(g)} attributes at 0.70 or more")
+    return f"{where}: " + "; ".join(parts) + "."

@@ -273,10 +273,16 @@ def _read_shard(path) -> pd.DataFrame:
     return pd.read_csv(path, keep_default_na=False, na_values=[""], dtype={"reply": str, "free_reply": str})
 
 
+READINGS = ("greedy", "median")   # how a reply is read: the likeliest string, or the answer
+                                  # distribution's median (`median_reading`, in the answer shape)
+
+
 def predict_sharded(model, tokenizer, image_processor, images: Mapping, truth: pd.DataFrame, out_dir,
-                    shard_images: int = 250, key: str = "", progress: bool = True, **kw) -> pd.DataFrame:
-    """`predict` in shards of `shard_images` images, each written to `out_dir` as it finishes, so an
-    interrupted run resumes where it stopped.
+                    shard_images: int = 250, key: str = "", progress: bool = True, reading: str = "greedy",
+                    **kw) -> pd.DataFrame:
+    """`predict` (reading "greedy") or `median_reading.predict` (reading "median"; `kw` then takes
+    shapes, batch_size, beam) in shards of `shard_images` images, each written to `out_dir` as it
+    finishes, so an interrupted run resumes where it stopped.
 
     The job (`resumable.Stamp`, job.json) is keyed by the image ids, `key` (e.g. the model's path),
     a fingerprint of the weights (a model retrained at the same path is another job), the registry's
@@ -288,9 +294,14 @@ def predict_sharded(model, tokenizer, image_processor, images: Mapping, truth: p
 
     from tqdm.auto import tqdm
 
+    from . import median_reading
+
+    if reading not in READINGS:
+        raise ValueError(f"reading must be one of {READINGS}, not {reading!r}")
+    ask = predict if reading == "greedy" else median_reading.predict
     out = Path(out_dir)
     options = sorted((k, sorted(v.items()) if isinstance(v, Mapping) else v) for k, v in kw.items())
-    spec = {"format": FORMAT, "ids": resumable.job_key(list(truth.isic_id)), "images": len(truth), "key": str(key),
+    spec = {"format": FORMAT, "reading": reading, "ids": resumable.job_key(list(truth.isic_id)), "images": len(truth), "key": str(key),
             "weights": resumable.model_fingerprint(model), "shard_images": shard_images, "options": repr(options),
             "attributes": attributes.fingerprint(kw.get("names"))}
     stamp = resumable.Stamp(out, spec)
@@ -311,14 +322,15 @@ def predict_sharded(model, tokenizer, image_processor, images: Mapping, truth: p
             parts.append(_read_shard(path[s]))
             continue
         resumable.remove(path[s])
-        part = predict(model, tokenizer, image_processor, images, chunks[s], progress=False, **kw)
+        part = ask(model, tokenizer, image_processor, images, chunks[s], progress=False, **kw)
         part.to_csv(resumable.partial_path(path[s]), index=False)
         resumable.commit(path[s], stamp.key, rows=len(part))
         parts.append(part)
         bar.update(len(chunks[s]))
     bar.close()
     res = pd.concat(parts, ignore_index=True)
-    res["reply"] = res["reply"].fillna("")
-    res["free_reply"] = res["free_reply"].fillna("")
+    for col in ("reply", "free_reply"):   # the median reading has no free_reply
+        if col in res:
+            res[col] = res[col].fillna("")
     res.attrs["job"] = stamp.key
     return res

@@ -4,6 +4,7 @@ import json
 import re
 
 import nbformat
+import numpy as np
 import pytest
 import yaml
 
@@ -32,6 +33,23 @@ def test_every_stage_executes_and_leaves_its_artifacts(smoke_run):
     sampled = pd.read_csv(config.stage_dir(out, "03_predict") / "sampled.csv")
     assert sampled.isic_id.nunique() == scfg["n_images"]
     assert sampled.samples.map(lambda s: len(json.loads(s)) == scfg["k"]).all()
+
+
+def test_r2_holds_the_headline_reading_and_every_reading_sits_beside_it(smoke_run):
+    import pandas as pd
+    from skinlib import metrics
+    out, _ = smoke_run
+    pcfg = config.load_profile("smoke")["predict"]
+    r2 = pd.read_csv(config.r2_path(out))
+    assert set(r2.reading) == {pcfg["reading"]} and len(r2) == 16
+    ok = r2.r2.notna()
+    assert ((r2.r2_lo <= r2.r2) & (r2.r2 <= r2.r2_hi))[ok].all()
+    every = pd.read_csv(config.r2_readings_path(out))
+    assert set(every.reading) == {"greedy", *pcfg["readings"]}
+    for name, g in every.groupby("reading"):
+        # each reading's R² is that of its own predictions file
+        frame = pd.read_csv(config.reading_path(out, name), keep_default_na=False, na_values=[""])
+        np.testing.assert_allclose(g.r2.to_numpy(), metrics.r2_table(frame).r2.to_numpy(), equal_nan=True)
 
 
 def test_retrieval_medians_and_the_ordering_carry_their_intervals(smoke_run):

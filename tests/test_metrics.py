@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from skinlib import metrics
+from skinlib import attributes, metrics
 
 
 def test_r2_matches_an_independent_computation():
@@ -132,3 +132,47 @@ def test_r2_parts_table_scores_parsed_replies_in_registry_order():
     assert a.offset == pytest.approx(1 / 1.25) and a.r2 == pytest.approx(metrics.r2_score([1, 2, 3, 4], [2, 3, 4, 5]))
     with pytest.raises(KeyError, match="nope"):
         metrics.r2_parts_table(pred.assign(attribute="nope"))
+
+
+def _r2_frame(values, lo=None, hi=None):
+    import pandas as pd
+    names = list(attributes.NAMES[:len(values)])
+    t = pd.DataFrame({"attribute": names, "r2": values})
+    if lo is not None:
+        t["r2_lo"], t["r2_hi"] = lo, hi
+    return t
+
+
+def test_r2_sentence_reads_range_median_and_what_holds_beyond_noise():
+    t = _r2_frame([0.9, 0.75, 0.5, -0.3], lo=[0.8, 0.6, 0.3, -0.5], hi=[0.95, 0.85, 0.6, -0.1])
+    text = metrics.r2_sentence(t, 500, "default", "median", 0.001)
+    assert f"between -0.30 ({t.attribute[3]}) and 0.90 ({t.attribute[0]})" in text
+    assert "median 0.62" in text and "2 of 4 attributes reach 0.70 (1 with the whole 95% interval above it)" in text
+    assert f"below zero beyond noise: {t.attribute[3]}" in text and "0.10% of the replies" in text
+    t2 = _r2_frame([0.9, -0.1], lo=[0.8, -0.3], hi=[0.95, 0.05])
+    assert "none is below zero beyond noise" in metrics.r2_sentence(t2, 10, "smoke", "greedy", 0)
+    assert "no reply was a number" in metrics.r2_sentence(_r2_frame([np.nan]), 10, "smoke", "greedy", 1.0)
+
+
+def test_r2_parts_sentence_names_offset_driven_attributes():
+    import pandas as pd
+    rng = np.random.default_rng(0)
+    y = rng.lognormal(size=400)                       # right-skewed: mean above median
+    p = np.full_like(y, np.median(y))                 # replies at the typical value
+    z = rng.normal(size=400)
+    pred = pd.DataFrame({"attribute": ["areaMM2"] * 400 + ["B"] * 400, "true": np.r_[y, z],
+                         "pred": np.r_[p, z + rng.normal(0, 0.01, 400)]})
+    parts = metrics.r2_parts_table(pred)
+    train = pd.DataFrame({"areaMM2": rng.lognormal(size=300), "B": rng.normal(size=300)})
+    text = metrics.r2_parts_sentence(parts, pred, train)
+    assert text.startswith("For 1 of 2 attributes")
+    assert "Below zero: **areaMM2**" in text and "areaMM2 is right-skewed in training" in text
+    assert "**B**" not in text
+
+
+def test_medians_sentence_per_reading():
+    import pandas as pd
+    t = pd.concat([_r2_frame([0.9, 0.5]).assign(reading="greedy"), _r2_frame([0.8, 0.75]).assign(reading="median")])
+    assert metrics.medians_sentence(t, "On 2 images") == (
+        "On 2 images: greedy: R² median 0.70, 1 of 2 attributes at 0.70 or more; "
+        "median: R² median 0.78, 2 of 2 attributes at 0.70 or more.")
