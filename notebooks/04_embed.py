@@ -94,7 +94,9 @@ print(f"multi-attribute question (f): {embed.multi_question(ecfg['multi'])!r}")
 # %%
 t0 = time.perf_counter()
 enc = study.baseline_encoder(cfg, run, release, db.isic_id)
-timings["encoder_train"] = time.perf_counter() - t0
+# MONET is loaded from the hub, the stand-in trained (or loaded, when this run trained it before)
+encoder_step = "encoder_load" if cfg["embed"]["encoder"].get("kind") == "monet" else "encoder_train_or_load"
+timings[encoder_step] = time.perf_counter() - t0
 print(f"encoder: {enc.name}, {enc.dim}-dimensional")
 for part, ids in (("db", db.isic_id), ("queries", q.isic_id)):
     t0 = time.perf_counter()
@@ -103,9 +105,12 @@ for part, ids in (("db", db.isic_id), ("queries", q.isic_id)):
     timings[f"encoder_{part}"] = time.perf_counter() - t0
 
 # %%
+# An extraction found finished (done by `accelerate launch -m skinlib.study`, or by an earlier run of
+# this notebook) has no time here: it is marked, not shown as 0 ms per image.
 tm = pd.Series(timings, name="seconds").round(1).to_frame()
 tm["images"] = [len(db) if k.endswith("db") else len(q) if k.endswith("queries") else len(db) for k in tm.index]
 tm["ms per image"] = (1e3 * tm.seconds / tm.images).round(1)
+tm["done"] = ["found finished" if pd.isna(v) else "here" for v in tm.seconds]
 display(tm)
 
 # %% [markdown]
@@ -125,23 +130,24 @@ plt.show()
 # %% [markdown]
 # ## What the last layer holds, and what the model answers
 #
-# Chapter 3 scores the model's greedy answers (held to the answer format where the profile says
-# so, as the default does; chapter 3 shows the plain ones beside them). The vectors can be scored
-# as well: a ridge regression fitted on the database vectors (training images) and scored on the
+# Chapter 3 scores the model's answers, read as the profile's headline reading says (the median of
+# the answer distribution on the embedded default; greedy replies, as the paper, on `paper`). The
+# vectors can be scored as well: a ridge regression fitted on the database vectors (training
+# images) and scored on the
 # query images gives the share of each attribute that a *linear* read-out of the last layer holds
 # — of h_im,a (the attribute's own question) and of h_im. Where the read-out beats the answers, the
-# language model's digits lose what its last layer holds (chapter 3's median of sampled replies
-# shows how much of it the model's own answer distribution still carries); where all three are
-# low, the image features never held the attribute.
+# language model's digits lose what its last layer holds; where all three are low, the image
+# features never held the attribute.
 
 # %%
 ids_q, arr_q = study.load_vectors(run, "tuned_queries")
 q_vals = q.set_index("isic_id").loc[ids_q]
 read = metrics.readout_table({k: arr[k] for k in ("image_text", "image")}, vals,
                              {k: arr_q[k] for k in ("image_text", "image")}, q_vals)
-answers = pd.read_csv(resumable.verified(config.r2_path(run)))[["attribute", "r2"]].assign(kind="answers")
+answered = pd.read_csv(resumable.verified(config.r2_path(run)))
+answers = answered[["attribute", "r2"]].assign(kind="answers")
 table = pd.concat([answers, read[["attribute", "kind", "r2"]]], ignore_index=True)
-fig = figures.readout_vs_answers(table, labels={"answers": "answers (chapter 3)",
+fig = figures.readout_vs_answers(table, labels={"answers": f"answers ({answered.reading.iloc[0]} reading, chapter 3)",
                                                 "image_text": "read-out of h_im,a", "image": "read-out of h_im"})
 plt.show()
 med = table.groupby("kind").r2.median()

@@ -31,7 +31,7 @@ b = None
 import matplotlib.pyplot as plt
 from IPython.display import Markdown, display
 
-from skinlib import config, evaluate, figures, intervals, model as models, qa, slice3d, split, study
+from skinlib import config, evaluate, figures, intervals, slice3d, split, study
 
 cfg = config.load_profile(profile)
 rcfg = config.section(cfg, "retrieval", k=k, b=b)
@@ -41,17 +41,9 @@ manifest = split.load_manifest(config.manifest_path(run))
 db_frame = manifest[manifest.split == "train"]
 release = slice3d.Slice3D(*config.release_files(cfg, run), on_error=cfg["data"]["on_error"])
 
-db_ids, db_vec = study.load_vectors(run, "tuned_db")
-q_ids, q_vec = study.load_vectors(run, "tuned_queries")
-u_db_ids, u_db = study.load_vectors(run, "untuned_db")
-u_q_ids, u_q = study.load_vectors(run, "untuned_queries")
-if u_db_ids != db_ids or u_q_ids != q_ids:
-    raise ValueError("the untuned extraction holds other images than the tuned one; rerun 04_embed")
-vec = {"db_image": db_vec["image"], "q_image": q_vec["image"],
-       "db_image_text": db_vec["image_text"], "q_image_text": q_vec["image_text"],
-       "db_untuned": u_db["image"], "q_untuned": u_q["image"],
-       "db_encoder": study.load_array(run, "encoder_db"), "q_encoder": study.load_array(run, "encoder_queries"),
-       "db_multi": study.load_array(run, "multi_db"), "q_multi": study.load_array(run, "multi_queries")}
+# The image+text vectors stay in their float16 shards: run_methods reads one attribute at a time
+# (16 attributes of 3,584 floats per image do not fit in memory at the paper's size).
+db_ids, q_ids, vec = study.stored_vectors(run)
 q_frame = manifest.set_index("isic_id").loc[q_ids].reset_index()
 db_frame = db_frame.set_index("isic_id").loc[db_ids].reset_index()
 multi = list(cfg["embed"]["multi"])
@@ -61,16 +53,14 @@ print(f"{len(q_ids):,} queries against {len(db_ids):,} database images; k = {rcf
 # %% [markdown]
 # ## Search with every method
 #
-# The hierarchical method (b) needs no per-attribute database: it takes the top b images by the
-# image-only vector, computes their image+text vectors with the fine-tuned model on the fly (all 16
-# questions from one prefix pass per image, kept in a cache), and re-ranks them.
+# The hierarchical method (b) needs no per-attribute index: it takes the top b images by the
+# image-only vector and re-ranks them by their image+text vectors. In the paper those are computed
+# on the fly for the candidates; here every database image's h_im,a was already extracted (chapter
+# 4, the same prefix-shared forward), so the candidates' stored vectors are read instead of being
+# computed again.
 
 # %%
-tuned = models.load_finetuned(config.finetuned_dir(run), device=models.default_device())
-candidates = study.CandidateEmbedder(tuned, qa.ImageCache(release, tuned.image_processor, keep=False),
-                                     batch_size=cfg["embed"]["batch_size"])
-results, cost = study.run_methods(db_ids, q_ids, vec, k=rcfg["k"], b=rcfg["b"], candidates=candidates,
-                                  multi_names=multi)
+results, cost = study.run_methods(db_ids, q_ids, vec, k=rcfg["k"], b=rcfg["b"], multi_names=multi)
 long = study.score(results, db_frame, q_frame)
 config.percentiles_path(run).parent.mkdir(parents=True, exist_ok=True)
 long.to_parquet(config.percentiles_path(run), index=False)

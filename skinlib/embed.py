@@ -400,11 +400,81 @@ def extract(model, tokenizer, image_processor, images: Mapping | Callable, ids: 
 
 
 def load_embeddings(out_dir, dtype=np.float16) -> tuple[list[str], dict[str, np.ndarray]]:
-    """(ids, kind -> array) of a finished `extract` job, shards concatenated in id order. Every
-    shard must be there, sealed for the stamped job, whole and unaltered (`resumable.check`);
-    otherwise the error names the shards and what is wrong with them (nothing is half-read)."""
-    from safetensors import safe_open
+    """(ids, kind -> array) of a finished `extract` job, shards in id order. Every shard must be
+    there, sealed for the stamped job, whole and unaltered (`resumable.check`); otherwise the error
+    names the shards and what is wrong with them (nothing is half-read).
 
+    Each kind is read shard by shard into one preallocated array of `dtype`: the peak is that
+    array plus one shard, not the shards, their concatenation and a converted copy. At the paper's
+    size a whole image+text array is still 16 attributes wide; `open_embeddings` reads one
+    attribute at a time."""
+    stored = open_embeddings(out_dir)
+    return list(stored.ids), {k: stored.read(k, dtype=dtype) for k in stored.kinds}
+
+
+class StoredEmbeddings:
+    """A finished `extract` job, checked once when opened, read in pieces from its float16 shards.
+
+    `read(kind)` gives a whole kind; `read("image_text", attribute=j)` (or `attribute(j)`) gives the
+    (n, d) vectors of attribute j, sliced out of each shard by safetensors (memory-mapped, only
+    that attribute's rows copied), so the caller holds 1/Q of the image+text array at a time."""
+
+    def __init__(self, folder: Path, spec: dict, rows: list[int]):
+        from safetensors import safe_open
+
+        self.folder, self.spec, self.rows = folder, spec, rows
+        self.kinds = tuple(spec["kinds"])
+        self.names = list(spec["names"]) if "image_text" in self.kinds else []
+        ids: list[str] = []
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        for s, n in enumerate(rows):
+            path = _shard_path(folder, s)
+            with safe_open(str(path), framework="np") as f:
+                got = json.loads((f.metadata() or {})["ids"])
+                if len(got) != n:  # sealed, so only a writer's bug could get here
+                    raise ValueError(f"{path}: {len(got)} ids, the job gives it {n}")
+                for k in self.kinds:
+                    shape = tuple(f.get_slice(k).get_shape())
+                    if shape[0] != n or self._shapes.setdefault(k, shape[1:]) != shape[1:]:
+                        raise ValueError(f"{path}: {k} has shape {shape}, expected ({n}, *{self._shapes[k]})")
+            ids += got
+        self.ids = ids
+        self.n = len(ids)
+
+    def shape(self, kind: str, attribute: int | None = None) -> tuple[int, ...]:
+        inner = self._shapes[kind]
+        return (self.n, *(inner if attribute is None else inner[1:]))
+
+    def read(self, kind: str, attribute: int | None = None, dtype=np.float16) -> np.ndarray:
+        """All n rows of `kind` (or of one image+text attribute, by position in `names`) as one
+        array of `dtype`, filled shard by shard."""
+        from safetensors import safe_open
+
+        if kind not in self.kinds:
+            raise KeyError(f"{self.folder}: no {kind!r} vectors (this job stored {list(self.kinds)})")
+        if attribute is not None:
+            if kind != "image_text":
+                raise ValueError(f"{kind!r} vectors have no attribute axis")
+            if not 0 <= attribute < len(self.names):
+                raise IndexError(f"attribute {attribute} outside the job's {len(self.names)} attributes")
+        out = np.empty(self.shape(kind, attribute), dtype=dtype)
+        at = 0
+        for s, n in enumerate(self.rows):
+            with safe_open(str(_shard_path(self.folder, s)), framework="np") as f:
+                part = f.get_slice(kind)
+                out[at:at + n] = part[:, attribute] if attribute is not None else part[:]
+            at += n
+        return out
+
+    def attribute(self, j: int, dtype=np.float16) -> np.ndarray:
+        """h_im,a of attribute j (position in `names`) for every image: (n, d)."""
+        return self.read("image_text", attribute=j, dtype=dtype)
+
+
+def open_embeddings(out_dir) -> StoredEmbeddings:
+    """A finished `extract` job for reading in pieces (`StoredEmbeddings`). Every shard must be
+    there, sealed for the stamped job, whole and unaltered (`resumable.check`); otherwise the error
+    names the shards and what is wrong with them."""
     out = Path(out_dir)
     spec = resumable.read_json(out / STAMP)
     if spec is None or "job" not in spec:
@@ -422,14 +492,4 @@ def load_embeddings(out_dir, dtype=np.float16) -> tuple[list[str], dict[str, np.
     if damaged:
         raise resumable.Damaged(f"{out}: {len(damaged)} of {n} shards cannot be used; run extract() again to "
                                 "redo them. " + "; ".join(damaged[:3]))
-    ids: list[str] = []
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in spec["kinds"]}
-    for s in range(n):
-        with safe_open(str(_shard_path(out, s)), framework="np") as f:
-            got = json.loads((f.metadata() or {})["ids"])
-            if len(got) != rows[s]:  # sealed, so only a writer's bug could get here
-                raise ValueError(f"{_shard_path(out, s)}: {len(got)} ids, the job gives it {rows[s]}")
-            ids += got
-            for k in parts:
-                parts[k].append(f.get_tensor(k))
-    return ids, {k: np.concatenate(v).astype(dtype, copy=False) for k, v in parts.items()}
+    return StoredEmbeddings(out, spec, rows)

@@ -68,9 +68,21 @@ class CandidateEmbedder:
 
 
 def flat(vectors: np.ndarray, ids) -> retrieval.FlatIndex:
+    # no float32 copy here: FlatIndex.add normalises `chunk` rows at a time into float32, which
+    # gives the same numbers as converting the whole array first
     index = retrieval.FlatIndex(vectors.shape[1], device="auto")
-    index.add(vectors.astype(np.float32), np.asarray(ids))
+    index.add(vectors, np.asarray(ids))
     return index
+
+
+def _attribute_vectors(source, j: int, name: str) -> np.ndarray:
+    """(n, d) image+text vectors of one attribute: column j of an (n, A, d) array, or attribute
+    `name` read from the shards of an `embed.StoredEmbeddings` (only that attribute is read)."""
+    if isinstance(source, embed.StoredEmbeddings):
+        if name not in source.names:
+            raise KeyError(f"{source.folder}: no image+text vectors for {name!r} (the job stored {source.names})")
+        return source.attribute(source.names.index(name))
+    return np.asarray(source[:, j])
 
 
 def run_methods(db_ids, q_ids, vec: dict, k: int = 5, b: int = 200, candidates=None,
@@ -78,8 +90,12 @@ def run_methods(db_ids, q_ids, vec: dict, k: int = 5, b: int = 200, candidates=N
     """Top-k ids per (method, attribute): {(method, attribute or None): ids (Q, k)}, plus timing and
     memory per method. `vec` holds the arrays: db_image, q_image, db_image_text (N, A, d),
     q_image_text, db_untuned, q_untuned, db_encoder, q_encoder, db_multi, q_multi (any may be
-    missing; its methods are skipped). `candidates` computes h_im,a for the hierarchical method
-    (default: look them up in db_image_text — the same numbers)."""
+    missing; its methods are skipped). db_image_text and q_image_text may instead be
+    `embed.StoredEmbeddings` (`stored_vectors`): then one attribute's vectors are read at a time,
+    and held only while that attribute is searched. Float16 arrays are searched as they are
+    (normalised in float32 chunks), the same numbers as float32 copies of them.
+    `candidates(ids, attribute)` computes h_im,a for the hierarchical method (default: the
+    database's stored image+text vectors of that attribute — the same numbers the model gives)."""
     from tqdm.auto import tqdm
 
     names = [a.name for a in attributes.resolve(names)]
@@ -96,33 +112,47 @@ def run_methods(db_ids, q_ids, vec: dict, k: int = 5, b: int = 200, candidates=N
         if f"db_{key}" in vec:
             index = flat(vec[f"db_{key}"], db_ids)
             out[(m, None)] = timed(m, lambda: index.search(vec[f"q_{key}"].astype(np.float32), k)[0], index.nbytes)
+            del index  # one index at a time
     if "db_image_text" in vec:
+        db_tt, q_tt = vec["db_image_text"], vec["q_image_text"]
         for kind, method in (("flat", "image_text"), ("sq8", "image_text_sq8")):
             total, secs = 0, 0.0
             for j, name in enumerate(tqdm(names, desc=method, disable=not progress)):
-                x = vec["db_image_text"][:, j].astype(np.float32)
-                index = flat(x, db_ids) if kind == "flat" else retrieval.CompressedIndex(x.shape[1], "sq8")
-                if kind != "flat":
+                x = _attribute_vectors(db_tt, j, name)
+                if kind == "flat":
+                    index = flat(x, db_ids)
+                else:
+                    index = retrieval.CompressedIndex(x.shape[1], "sq8")
                     index.add(x, db_ids)
+                del x
                 t0 = time.perf_counter()
-                out[(method, name)] = index.search(vec["q_image_text"][:, j].astype(np.float32), k)[0]
+                out[(method, name)] = index.search(_attribute_vectors(q_tt, j, name).astype(np.float32), k)[0]
                 secs += time.perf_counter() - t0
                 total += index.nbytes
+                del index
             cost.append({"method": method, "seconds": secs, "index_bytes": total})
         image_index = flat(vec["db_image"], db_ids)
-        if candidates is None:
-            pos = {i: n for n, i in enumerate(db_ids)}
-
-            def candidates(ids, attribute):
-                return vec["db_image_text"][[pos[i] for i in ids], names.index(attribute)].astype(np.float32)
-        cache = retrieval.EmbedCache(candidates)
+        pos = {i: n for n, i in enumerate(db_ids)}
         t0 = time.perf_counter()
+        computed = 0
         for j, name in enumerate(tqdm(names, desc="hierarchical", disable=not progress)):
+            if candidates is None:
+                x = _attribute_vectors(db_tt, j, name)
+
+                def lookup(ids, attribute, x=x):
+                    return x[[pos[i] for i in ids]]
+            # one cache per attribute, dropped after it: a candidate's vector is needed for its
+            # own attribute only, and a cache over all 16 grows to 16 copies of the database
+            cache = retrieval.EmbedCache(lookup if candidates is None else candidates)
             out[("hierarchical", name)] = retrieval.hierarchical(
-                image_index, vec["q_image"].astype(np.float32), vec["q_image_text"][:, j].astype(np.float32),
-                cache, name, k=k, b=min(b, len(db_ids)))[0]
+                image_index, vec["q_image"].astype(np.float32),
+                _attribute_vectors(q_tt, j, name).astype(np.float32), cache, name, k=k, b=min(b, len(db_ids)))[0]
+            computed += cache.computed
+            del cache
+            x = lookup = None
         cost.append({"method": "hierarchical", "seconds": time.perf_counter() - t0,
-                     "index_bytes": image_index.nbytes, "candidates_embedded": cache.computed})
+                     "index_bytes": image_index.nbytes, "candidates_embedded": computed})
+        del image_index
     if "db_multi" in vec and multi_names:
         index = flat(vec["db_multi"], db_ids)
         res = timed("multi_attribute", lambda: index.search(vec["q_multi"].astype(np.float32), k)[0], index.nbytes)
@@ -177,13 +207,49 @@ def load_vectors(run, which: str) -> tuple[list[str], dict]:
     return ids, arrays
 
 
+def stored_vectors(run) -> tuple[list[str], list[str], dict]:
+    """(database ids, query ids, `vec` for `run_methods`) of a run's extractions, in bounded
+    memory: the image-only arrays whole in float16 (one vector per image each), the image+text
+    vectors left in their shards (`embed.StoredEmbeddings`) for `run_methods` to read one
+    attribute at a time. Refuses extractions whose images disagree."""
+    tuned_db = embed.open_embeddings(config.embeddings_dir(run, "tuned_db"))
+    tuned_q = embed.open_embeddings(config.embeddings_dir(run, "tuned_queries"))
+    untuned_db = embed.open_embeddings(config.embeddings_dir(run, "untuned_db"))
+    untuned_q = embed.open_embeddings(config.embeddings_dir(run, "untuned_queries"))
+    if untuned_db.ids != tuned_db.ids or untuned_q.ids != tuned_q.ids:
+        raise ValueError("the untuned extraction holds other images than the tuned one; rerun 04_embed")
+    for stored in (tuned_db, tuned_q):
+        lacking = [n for n in attributes.NAMES if n not in stored.names]
+        if lacking:
+            raise ValueError(f"{stored.folder}: no image+text vectors for {lacking}; rerun 04_embed")
+    vec = {"db_image": tuned_db.read("image"), "q_image": tuned_q.read("image"),
+           "db_image_text": tuned_db, "q_image_text": tuned_q,
+           "db_untuned": untuned_db.read("image"), "q_untuned": untuned_q.read("image"),
+           "db_encoder": load_array(run, "encoder_db", np.float16),
+           "q_encoder": load_array(run, "encoder_queries", np.float16),
+           "db_multi": load_array(run, "multi_db", np.float16), "q_multi": load_array(run, "multi_queries", np.float16)}
+    return list(tuned_db.ids), list(tuned_q.ids), vec
+
+
+def accelerator():
+    """The study's `accelerate.Accelerator`, on CPU when torch sees no GPU (as `finetune.run`):
+    without cpu=True, `accelerate launch --multi_gpu --num_processes 2` on a CPU machine starts
+    two processes that each see one process of one and both compute every shard."""
+    from accelerate import Accelerator
+
+    from . import model as models
+
+    return Accelerator(cpu=models.default_device() == "cpu")
+
+
 def extract_all(cfg: dict, run, db_ids, q_ids, accelerator=None, progress: bool = True) -> dict:
     """Every vector the retrieval study needs, written under 04_embed/embeddings/: the fine-tuned
     model's h_im and 16 h_im,a (database and queries), the untuned model's h_im, and the
     multi-attribute question's vector (f). Sharded extractions resume; returns seconds per part.
 
     Under `accelerate launch -m skinlib.study` each process writes its own shards (the small
-    multi-attribute arrays are left to the notebook, which runs on one process)."""
+    multi-attribute arrays are left to the notebook, which runs on one process). An extraction
+    this call found finished (no shard written) has NaN seconds."""
     from . import finetune, model as models, qa, slice3d
 
     e = cfg["embed"]
@@ -195,12 +261,16 @@ def extract_all(cfg: dict, run, db_ids, q_ids, accelerator=None, progress: bool 
     timings = {}
     for tag, loaded, kinds in (("tuned", tuned, ("image", "image_text")), ("untuned", untuned, ("image",))):
         for part, ids in (("db", db_ids), ("queries", q_ids)):
-            t0 = time.perf_counter()
-            embed.extract(loaded.model, loaded.tokenizer, loaded.image_processor,
-                          qa.ImageCache(release, loaded.image_processor, keep=False), list(ids),
-                          config.embeddings_dir(run, f"{tag}_{part}"), kinds=kinds, shard_size=e["shard_size"],
-                          batch_size=e["batch_size"], model_key=tag, accelerator=accelerator, progress=progress)
-            timings[f"{tag}_{part}"] = time.perf_counter() - t0
+            t0, wall0 = time.perf_counter(), time.time()
+            folder = embed.extract(loaded.model, loaded.tokenizer, loaded.image_processor,
+                                   qa.ImageCache(release, loaded.image_processor, keep=False), list(ids),
+                                   config.embeddings_dir(run, f"{tag}_{part}"), kinds=kinds,
+                                   shard_size=e["shard_size"], batch_size=e["batch_size"], model_key=tag,
+                                   accelerator=accelerator, progress=progress)
+            # a job found finished (e.g. by `accelerate launch -m skinlib.study`) took no time here;
+            # NaN, not ~0 s, so that a timing table does not read it as the cost of the work
+            fresh = any(f.stat().st_mtime >= wall0 for f in Path(folder).glob(embed.SHARDS))
+            timings[f"{tag}_{part}"] = time.perf_counter() - t0 if fresh else float("nan")
     if accelerator is None or accelerator.num_processes == 1:
         question = embed.multi_question(e["multi"])
         images = qa.ImageCache(release, tuned.image_processor, keep=False)
@@ -217,8 +287,6 @@ def main(argv=None) -> int:
     04_embed split across processes (GPUs); then run the notebooks as usual."""
     import argparse
 
-    from accelerate import Accelerator
-
     from . import split
 
     ap = argparse.ArgumentParser(description=main.__doc__)
@@ -230,7 +298,7 @@ def main(argv=None) -> int:
     manifest = split.load_manifest(config.manifest_path(run))
     db = manifest[manifest.split == "train"]
     q = queries(manifest, cfg["embed"]["n_queries"], cfg["seed"])
-    acc = Accelerator()
+    acc = accelerator()
     timings = extract_all(cfg, run, list(db.isic_id), list(q.isic_id), accelerator=acc)
     acc.print({k: round(v, 1) for k, v in timings.items()})
     return 0
@@ -261,10 +329,11 @@ def save_array(run, name: str, array: np.ndarray) -> Path:
     return resumable.commit(path, name, rows=len(array))
 
 
-def load_array(run, name: str) -> np.ndarray:
-    """An array `save_array` wrote; a missing, cut, altered or unsealed one is refused, named."""
+def load_array(run, name: str, dtype=np.float32) -> np.ndarray:
+    """An array `save_array` wrote (stored float16), as `dtype`; a missing, cut, altered or
+    unsealed one is refused, named."""
     path = resumable.verified(config.embeddings_dir(run, name).with_suffix(".npy"), name)
-    return np.load(path, allow_pickle=False).astype(np.float32)
+    return np.load(path, allow_pickle=False).astype(dtype, copy=False)
 
 
 def ordering_counts(check: pd.DataFrame) -> str:
