@@ -136,6 +136,24 @@ if skipped:   # the draws are shared, so on the same test images every set skips
 print(f"-> {paths[0]}\n-> {paths[1]}")
 
 # %% [markdown]
+# The attribute probe is kept for the explorer ({doc}`07_explore`), which scores every lesion it
+# shows from the attributes the model reads, as the row "predicted attributes (fit on true)" does:
+# the training medians, standardisation, coefficients and C, as sealed JSON.
+
+# %%
+from skinlib import resumable
+
+# "fit on true" and "true attributes" are one fit (the training images' true attributes), so the
+# probe exists whenever the true attributes were scored, also when the read ones could not be
+probe_path = config.malignancy_probe_path(run)
+if "true attributes" in res.probes:
+    malignancy.save_probe(res.probes["true attributes"], probe_path)
+    print(f"-> {probe_path}")
+else:
+    resumable.remove(probe_path)   # no stale probe from an earlier run of this folder
+    print("no attribute probe was fitted: the explorer shows no malignancy probability")
+
+# %% [markdown]
 # On the phantom the label was drawn from P(malignant | the 16 attributes) itself, an additive
 # model with bends (`skinlib.phantom`), not a straight line per attribute: that probability ranks
 # the test images as well as anything can. Compare it with the row "true attributes", the linear

@@ -281,6 +281,69 @@ def contributions(probe: Probe, x, ids) -> pd.DataFrame:
     return out
 
 
+# ============================================================================ the saved probe
+# Stage 06 keeps the interpretable probe so that the explorer (stage 07) can score any lesion the
+# model reads, as JSON (no pickle: a reader of the run should not have to run code to load it).
+PROBE_JOB = "06_malignancy attribute probe"
+PROBE_FIELDS = ("names", "medians", "mean", "scale", "coef", "intercept", "c", "converged", "n_imputed_train")
+
+
+def save_probe(probe: Probe, path, fit_on: str = "the training images' true 16 attributes",
+               applied_to: str = "the attributes the model reads") -> Path:
+    """Write `probe` to `path` as sealed JSON (written whole, then sealed: a killed writer leaves a
+    file `load_probe` refuses). `fit_on` / `applied_to` say what it is, for a reader of the file."""
+    from . import resumable
+    obj = {"names": list(probe.names), "medians": [float(v) for v in probe.medians],
+           "mean": [float(v) for v in probe.mean], "scale": [float(v) for v in probe.scale],
+           "coef": [float(v) for v in probe.coef], "intercept": float(probe.intercept), "c": float(probe.c),
+           "converged": bool(probe.converged), "n_imputed_train": int(probe.n_imputed_train),
+           "fit_on": fit_on, "applied_to": applied_to}
+    bad = [k for k in ("medians", "mean", "scale", "coef") if not np.isfinite(obj[k]).all()]
+    if bad or not np.isfinite(obj["intercept"]):
+        raise ValueError(f"save_probe: non-finite {', '.join(bad) or 'intercept'}; {path} not written")
+    path = resumable.write_json(path, obj)
+    resumable.seal(path, PROBE_JOB)
+    return path
+
+
+def load_probe(path, names=attributes.NAMES) -> Probe:
+    """The probe `save_probe` wrote to `path`; a clear error naming the file when it is unsealed,
+    altered, incomplete, or for other features than `names` (in that order)."""
+    from . import resumable
+    wrong = resumable.check(path, PROBE_JOB)
+    if wrong:
+        raise ValueError(f"malignancy probe: {wrong}")
+    obj = resumable.read_json(path)
+    missing = [k for k in PROBE_FIELDS if obj is None or k not in obj]
+    if missing:
+        raise ValueError(f"malignancy probe: {path}: missing field(s) {', '.join(missing)}")
+    if list(obj["names"]) != list(names):
+        raise ValueError(f"malignancy probe: {path} is for the features {obj['names']}, not {list(names)}")
+    arrays = {k: np.asarray(obj[k], dtype=np.float64) for k in ("medians", "mean", "scale", "coef")}
+    short = [k for k, v in arrays.items() if v.shape != (len(names),)]
+    if short:
+        raise ValueError(f"malignancy probe: {path}: {', '.join(short)} not of length {len(names)}")
+    return Probe(list(obj["names"]), float(obj["c"]), arrays["medians"], arrays["mean"], arrays["scale"],
+                 arrays["coef"], float(obj["intercept"]), pd.DataFrame(columns=["c", "cv_auc", "cv_auc_sd"]),
+                 bool(obj["converged"]), int(obj["n_imputed_train"]))
+
+
+def explain(probe: Probe, values) -> dict:
+    """One lesion's score from its len(probe.names) values (NaN: not read; filled with the training
+    median, as the probe's fit did): probability of malignancy, log_odds, intercept, contributions
+    (standardised value × coefficient per feature, in probe.names order; with the intercept they sum
+    to log_odds) and n_imputed, the features filled."""
+    x = _matrix(np.asarray(values, dtype=np.float64).reshape(1, -1), "explain")
+    if x.shape[1] != len(probe.names):
+        raise ValueError(f"explain: {x.shape[1]} values for the probe's {len(probe.names)} features")
+    contrib = probe.contributions(x)[0]
+    log_odds = float(contrib.sum() + probe.intercept)
+    e = np.exp(-abs(log_odds))   # never overflows, however far the lesion lies from the boundary
+    return {"probability": float(1 / (1 + e) if log_odds >= 0 else e / (1 + e)), "log_odds": log_odds,
+            "intercept": float(probe.intercept), "contributions": [float(v) for v in contrib],
+            "n_imputed": int(np.isnan(x).sum())}
+
+
 # ============================================================================ feature sets
 def predicted_attributes(pred: pd.DataFrame, ids, column: str = "pred") -> tuple[np.ndarray, int]:
     """A prediction frame (skinlib.predict: isic_id, attribute, pred, one row per question asked) as

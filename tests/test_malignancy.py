@@ -322,3 +322,51 @@ def test_the_difference_figure_draws_each_source(fixtures_dir):
     widths = [p.get_width() for p in ax.patches]
     assert widths[:16] == pytest.approx(list(real.difference)) and widths[16:] == pytest.approx(list(half.difference))
     assert [t.get_text() for t in ax.get_legend().get_texts()] == ["real", "half"]
+
+
+# ---------------------------------------------------------------------------- the saved probe
+def test_a_saved_probe_loads_and_scores_exactly_as_the_fitted_one(study, tmp_path):
+    from skinlib import resumable
+    tr, te, sets, res, _ = study
+    probe = res.probes["predicted attributes (fit on true)"]
+    path = malignancy.save_probe(probe, tmp_path / "probe.json")
+    assert resumable.check(path, malignancy.PROBE_JOB) is None
+    assert "\\u" not in path.read_text() and path.read_text().lstrip().startswith("{")  # plain JSON
+    back = malignancy.load_probe(path)
+    x_te = sets["predicted attributes (fit on true)"][1]   # holds missing values: imputation too
+    assert np.isnan(x_te).any()
+    np.testing.assert_array_equal(back.score(x_te), probe.score(x_te))
+    mine = res.scores[res.scores.features == "predicted attributes (fit on true)"].score.to_numpy()
+    np.testing.assert_array_equal(back.score(x_te), mine)
+    assert (back.c, back.intercept, back.names) == (probe.c, probe.intercept, list(attributes.NAMES))
+    # one lesion: probability, and contributions that with the intercept sum to the log-odds
+    for i in (0, int(np.flatnonzero(np.isnan(x_te).any(axis=1))[0])):
+        one = malignancy.explain(back, x_te[i])
+        assert one["log_odds"] == pytest.approx(mine[i], abs=1e-12)
+        assert one["probability"] == pytest.approx(1 / (1 + np.exp(-mine[i])))
+        assert sum(one["contributions"]) + one["intercept"] == pytest.approx(one["log_odds"])
+        np.testing.assert_allclose(one["contributions"], probe.contributions(x_te[i:i + 1])[0])
+        assert one["n_imputed"] == int(np.isnan(x_te[i]).sum())
+    assert malignancy.explain(back, np.full(16, np.nan))["n_imputed"] == 16
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")   # far from the boundary: 0 or 1, without an overflow
+        assert {malignancy.explain(back, np.full(16, s))["probability"] for s in (1e9, -1e9)} <= {0.0, 1.0}
+    with pytest.raises(ValueError, match="15 values for the probe.s 16 features"):
+        malignancy.explain(back, x_te[0][:15])
+
+
+def test_loading_a_probe_refuses_an_unsealed_altered_or_foreign_file(study, tmp_path):
+    from skinlib import resumable
+    probe = study[3].probes["true attributes"]
+    path = malignancy.save_probe(probe, tmp_path / "probe.json")
+    with pytest.raises(ValueError, match=r"probe\.json.*features"):
+        malignancy.load_probe(path, names=list(attributes.NAMES)[::-1])
+    path.write_text(path.read_text().replace('"c":', '"c": 0.0, "was_c":'))  # altered after sealing
+    with pytest.raises(ValueError, match=r"probe\.json: (contents differ|.*sealed with)"):
+        malignancy.load_probe(path)
+    resumable.seal_path(path).unlink()
+    with pytest.raises(ValueError, match=r"probe\.json: not sealed"):
+        malignancy.load_probe(path)
+    with pytest.raises(ValueError, match=r"nothing\.json: missing"):
+        malignancy.load_probe(tmp_path / "nothing.json")
