@@ -111,3 +111,60 @@ def test_value_gaps_are_the_median_distance_of_the_top_k_to_the_query():
     text = study.fig3_sentence(g, "areaMM2", k=2)
     assert "2.75 mm²" in text and "15.00 mm²" in text and "100%" in text
 
+
+
+def test_two_launched_cpu_processes_split_the_shards(tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on CPU: with `study.accelerator()` the two
+    processes know each other (gloo) and take disjoint shards between them, all of them."""
+    import json
+    import os
+    import subprocess
+
+    from skinlib import finetune
+
+    script = tmp_path / "who.py"
+    script.write_text(
+        "import json, sys\n"
+        "from skinlib import embed, study\n"
+        "acc = study.accelerator()\n"
+        "mine = embed.process_shards(7, acc.process_index, acc.num_processes)\n"
+        "open(sys.argv[1] + f'/{acc.process_index}-{len(mine)}.json', 'a').write(json.dumps(\n"
+        "    {'index': acc.process_index, 'of': acc.num_processes, 'device': acc.device.type, 'shards': mine}))\n"
+        "acc.wait_for_everyone()\n")
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(finetune.launch_command(2, [str(script), str(tmp_path)]), env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("*.json"))]
+    assert sorted(s["index"] for s in seen) == [0, 1] and all(s["of"] == 2 for s in seen), seen
+    assert all(s["device"] == "cpu" for s in seen)
+    shards = [x for s in seen for x in s["shards"]]
+    assert sorted(shards) == list(range(7)), seen  # every shard once, none twice
+
+
+def test_hierarchical_reads_the_stored_candidates_of_a_stored_extraction(tmp_path):
+    """run_methods on `embed.StoredEmbeddings` (one attribute read at a time) gives what it gives
+    on the whole arrays, every method, the hierarchical one re-ranking by the stored vectors."""
+    import importlib.util
+    from pathlib import Path
+
+    from skinlib import embed
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "memory.py"
+    spec = importlib.util.spec_from_file_location("bench_memory", path)
+    memory = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(memory)
+    db, q, vec = synthetic(n_db=200, n_q=20)
+    half = {k: v.astype(np.float16) for k, v in vec.items()}
+    stored = {}
+    for part, frame in (("db", db), ("q", q)):
+        folder = memory.write_extraction(tmp_path / part, frame.isic_id,
+                                         {"image_text": half[f"{part}_image_text"]}, attributes.NAMES, shard_size=64)
+        stored[part] = embed.open_embeddings(folder)
+    lazy = {**half, "db_image_text": stored["db"], "q_image_text": stored["q"]}
+    a, _ = study.run_methods(db.isic_id, q.isic_id, half, k=5, b=40, multi_names=["areaMM2"], progress=False)
+    b, cost = study.run_methods(db.isic_id, q.isic_id, lazy, k=5, b=40, multi_names=["areaMM2"], progress=False)
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=str(key))
+    assert cost.set_index("method").loc["hierarchical", "candidates_embedded"] > 0
