@@ -34,7 +34,7 @@ import pandas as pd
 from IPython.display import Markdown, display
 
 from skinlib import (answer_format, answers, config, figures, intervals, metrics, model as models, predict, qa,
-                     slice3d, split)
+                     resumable, slice3d, split)
 
 cfg = config.load_profile(profile)
 pcfg = config.section(cfg, "predict", n_images=n_images, batch_size=batch_size, constrain=constrain,
@@ -81,7 +81,7 @@ if "median" in readings:
         config.reply_shards_dir(run, "median"), key=str(config.finetuned_dir(run)), reading="median",
         batch_size=pcfg["batch_size"], shapes=shapes, beam=pcfg["beam"])
 for name, frame in frames.items():
-    predict.save(frame, config.reading_path(run, name))   # sealed: later stages can tell it whole
+    resumable.write_csv(frame, config.reading_path(run, name))   # sealed: later stages can tell it whole
 
 # R² of every reading with its patient-bootstrap interval; r2.csv holds the profile's headline one
 patient_of = manifest.set_index("isic_id").patient_id
@@ -90,8 +90,8 @@ table = pd.concat([metrics.r2_table(f).merge(intervals.r2_intervals(f, patient_o
                    for name, f in frames.items()], ignore_index=True)
 head = frames[pcfg["reading"]]
 r2 = table[table.reading == pcfg["reading"]].reset_index(drop=True)
-predict.save(table, config.r2_readings_path(run), job=head.attrs["job"])
-predict.save(r2, config.r2_path(run), job=head.attrs["job"])
+resumable.write_csv(table, config.r2_readings_path(run), job=head.attrs["job"])
+resumable.write_csv(r2, config.r2_path(run), job=head.attrs["job"])
 print(f"{len(pred):,} questions, read {' and '.join(frames)}; headline {pcfg['reading']!r} -> "
       f"{config.r2_path(run).relative_to(run)}")
 
@@ -164,7 +164,7 @@ if scfg.get("k"):
     kept = qa.ImageCache(release, loaded.image_processor, keep=True)   # read once per question: decode it once
     sampled = predict.sample(loaded.model, loaded.tokenizer, loaded.image_processor, kept, sub,
                              k=scfg["k"], seed=scfg["seed"], batch_size=scfg["batch_size"], shapes=shapes)
-    predict.save(sampled, config.sampled_path(run))
+    resumable.write_csv(sampled, config.sampled_path(run))
     on_sub = {name: f[f.isic_id.isin(set(sub.isic_id))] for name, f in frames.items()}
     on_sub[f"median of {scfg['k']} samples"] = sampled
     sub_table = pd.concat([metrics.r2_table(f).assign(reading=name) for name, f in on_sub.items()])

@@ -31,7 +31,7 @@ b = None
 import matplotlib.pyplot as plt
 from IPython.display import Markdown, display
 
-from skinlib import config, evaluate, figures, intervals, slice3d, split, study
+from skinlib import config, evaluate, figures, intervals, resumable, slice3d, split, study
 
 cfg = config.load_profile(profile)
 rcfg = config.section(cfg, "retrieval", k=k, b=b)
@@ -62,12 +62,16 @@ print(f"{len(q_ids):,} queries against {len(db_ids):,} database images; k = {rcf
 # %%
 results, cost = study.run_methods(db_ids, q_ids, vec, k=rcfg["k"], b=rcfg["b"], multi_names=multi)
 long = study.score(results, db_frame, q_frame)
+# written whole and sealed, so chapter 7 and the side studies can tell them unaltered
+job = resumable.job_key({"retrieval": rcfg, "queries": q_ids, "database": db_ids})
 config.percentiles_path(run).parent.mkdir(parents=True, exist_ok=True)
-long.to_parquet(config.percentiles_path(run), index=False)
+long.to_parquet(resumable.partial_path(config.percentiles_path(run)), index=False)
+resumable.commit(config.percentiles_path(run), job, rows=len(long))
 summary = intervals.summary_with_intervals(evaluate.summary(long), long, patient_of, seed=cfg["seed"])
 config.metrics_dir(run).mkdir(parents=True, exist_ok=True)
-summary.to_csv(config.retrieval_path(run), index=False)
-print(f"{len(long):,} scored cells -> {config.percentiles_path(run)}\nmedians -> {config.retrieval_path(run)}")
+resumable.write_csv(summary, config.retrieval_path(run), job)
+print(f"{len(long):,} scored cells -> {config.percentiles_path(run).relative_to(run)}\n"
+      f"medians -> {config.retrieval_path(run).relative_to(run)}")
 missing = evaluate.missing_cells(long)
 if missing.n_nan.sum():
     print(f"{int(missing.n_nan.sum())} cells have no value (an excluded attribute of the query or the "
@@ -97,7 +101,7 @@ plt.show()
 
 # %%
 order_table = intervals.ordering(long, patient_of, seed=cfg["seed"])
-order_table.to_csv(config.ordering_path(run), index=False)
+resumable.write_csv(order_table, config.ordering_path(run), job)
 fig = figures.ordering_differences(order_table, labels=intervals.COMPARISON_LABELS)
 plt.show()
 display(Markdown(

@@ -234,22 +234,6 @@ def sample(model, tokenizer, image_processor, images: Mapping, truth: pd.DataFra
     return res
 
 
-def save(frame: pd.DataFrame, path, job: str | None = None):
-    """Write a table of replies (or their scores) as CSV, atomically, and seal it (job, bytes,
-    sha256, rows): a later reader can tell it whole and unaltered (`resumable.verified`).
-    job: the job that made it; default the frame's own (`attrs["job"]`, set by `predict_sharded`
-    and `sample`)."""
-    from pathlib import Path
-
-    path = Path(path)
-    job = job or frame.attrs.get("job")
-    if not job:
-        raise ValueError(f"save {path.name}: no job given and the frame carries none")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(resumable.partial_path(path), index=False)
-    return resumable.commit(path, job, rows=len(frame))
-
-
 def free_readings(pred: pd.DataFrame) -> pd.DataFrame:
     """The plain greedy readings of a prediction frame, as a frame of the same layout (reply and
     pred replaced by free_reply and free_pred): what `metrics.r2_table` scores unconstrained."""

@@ -82,6 +82,19 @@ def commit(path, job: str, rows: int | None = None) -> Path:
     return path
 
 
+def write_csv(frame, path, job: str | None = None) -> Path:
+    """Write a table as CSV atomically and seal it (job, bytes, sha256, rows), so a later reader
+    can tell it whole and unaltered (`verified`). job: the job that made it; default the frame's
+    own (`frame.attrs["job"]`, which `predict.predict_sharded` and `predict.sample` set)."""
+    path = Path(path)
+    job = job or frame.attrs.get("job")
+    if not job:
+        raise ValueError(f"write_csv {path.name}: no job given and the frame carries none")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(partial_path(path), index=False)
+    return commit(path, job, rows=len(frame))
+
+
 # ------------------------------------------------------------------------------------ one file
 def seal_path(path) -> Path:
     path = Path(path)

@@ -85,7 +85,7 @@ def test_sampled_and_scored_tables_are_sealed_and_a_damaged_one_is_refused(relea
     cache = qa.ImageCache(release, tiny.image_processor)
     sampled = predict.sample(tiny.model, tiny.tokenizer, tiny.image_processor, cache, frame, k=2,
                              max_new_tokens=3, progress=False)
-    path = predict.save(sampled, tmp_path / "sampled.csv")
+    path = resumable.write_csv(sampled, tmp_path / "sampled.csv")
     assert resumable.check(path, sampled.attrs["job"], rows=len(sampled)) is None
     pd.testing.assert_frame_equal(pd.read_csv(resumable.verified(path)), pd.read_csv(path))
     _cut_at_a_line(path)
