@@ -16,7 +16,10 @@
 # Pick a query lesion, a retrieval method (a)–(f), an attribute and k: the query is shown with its
 # measured value and the fine-tuned model's answer to the attribute's question, and beside it the
 # top-k database lesions, each with its value and its percentile (paper §4.2; lower = closer to the
-# query than most of the database).
+# query than most of the database). Next to them, the malignancy probe of {doc}`06_malignancy`
+# applied to the 16 attributes the model reads in the query: its probability of malignancy, each
+# attribute's contribution (standardised value × coefficient; with the intercept they sum to the
+# log-odds) and, for a test lesion, its label. A run whose chapter 6 kept no probe says so instead.
 #
 # **In this page** (no kernel) the explorer at the end of the page works from picks precomputed
 # when the book was built: a few dozen test lesions, every method and attribute, k from 1 to 10.
@@ -53,7 +56,9 @@ print(f"explorer ready in {time.perf_counter() - t0:.1f} s: {len(ex.q_ids):,} qu
 #
 # Pick a query from the list (all the run's test queries) or upload a crop; picking a query again,
 # or "clear upload", drops the upload. An upload has no measured value, so its results carry no
-# percentile. In the book the controls are not built (no kernel could answer them).
+# percentile, and no label; the probe reads its 16 attributes the same way. The model is asked all
+# 16 questions once per query or upload, so the first pick of a query takes longer than a change
+# of method, attribute or k. In the book the controls are not built (no kernel could answer them).
 
 # %%
 if live:
@@ -85,7 +90,7 @@ display(pd.DataFrame(times))
 # ## The explorer without a kernel
 #
 # Every combination below was computed by the same `Explorer` when the book was built, and is read
-# from the page's own files (no network).
+# from the page's own files (no network), the malignancy panel of each query included.
 
 # %%
 if live:

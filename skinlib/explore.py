@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import attributes, config, embed, evaluate, retrieval, split, study
+from . import attributes, config, embed, evaluate, malignancy, retrieval, split, study
 
 METHODS = ("image_text", "hierarchical", "image", "image_untuned", "baseline_encoder", "multi_attribute")
 # Methods whose ranking does not depend on the attribute asked (only values and percentiles do).
@@ -42,6 +42,13 @@ STATIC_QUERIES = 40
 STATIC_NAME = "static"  # the folder in the 07_explore stage folder; the book serves it as _static/explore
 NOTEBOOK = config.REPO_ROOT / "notebooks" / "07_explore.py"
 SCRATCH = config.REPO_ROOT / "live"  # ignored by git: the live copy of the chapter
+
+
+# What the malignancy panel says about its numbers (the live grid and the book's show the same words).
+PROBE_NOTE = ("from the 16 attributes the model reads in this image (its answers to the 16 questions), "
+              "by chapter 6's logistic probe fitted on the training images' measured attributes; "
+              "each bar is an attribute's standardised value × coefficient, and with the intercept "
+              "they sum to the log-odds")
 
 
 class BadUpload(ValueError):
@@ -63,7 +70,7 @@ def read_upload(entry: dict):
 
 
 class Explorer:
-    def __init__(self, cfg: dict, run, device=None):
+    def __init__(self, cfg: dict, run, device=None, probe_path=None):
         from . import model as models, qa, slice3d
 
         self.cfg, self.run = cfg, run
@@ -93,6 +100,14 @@ class Explorer:
         self._qpos = {i: n for n, i in enumerate(self.q_ids)}
         self._dbpos = {i: n for n, i in enumerate(self.db_ids)}
         self._indexes: dict = {}
+        # chapter 6's attribute probe; a run without one (no labels to fit it on) still explores
+        self.probe_path = Path(probe_path) if probe_path is not None else config.malignancy_probe_path(run)
+        self.probe = malignancy.load_probe(self.probe_path) if self.probe_path.exists() else None
+        shown = self.probe_path.relative_to(Path(run)) if self.probe_path.is_relative_to(Path(run)) else self.probe_path
+        self.probe_missing = None if self.probe is not None else (   # the run's own folder is not the reader's
+            f"No malignancy probe: stage 06 wrote none ({shown} is missing), so no probability is shown.")
+        labels = self.release.labels()
+        self.labels = None if labels is None else labels.set_index("isic_id")[slice3d.TARGET]
 
     # ---------------------------------------------------------------- vectors of queries
     def _index(self, key: str, j: int | None = None):
@@ -253,6 +268,21 @@ class Explorer:
     def image(self, isic_id: str):
         return self.release.image(isic_id)
 
+    def malignancy(self, query, replies: list[str] | None = None) -> dict | None:
+        """The probe's reading of a query (an id or an image) from the 16 values the model states
+        (`replies`, one per attribute in `names` order; asked when not given): `malignancy.explain`'s
+        probability, log_odds, intercept, contributions and n_imputed, plus `read` (the stated
+        values, NaN where a reply holds no number) and `label` (1 malignant, 0 benign; None for an
+        upload or a release without labels). None when the run has no probe."""
+        if self.probe is None:
+            return None
+        replies = self.ask_rows([(query, a) for a in self.names]) if replies is None else replies
+        read = [attributes.get(a).read_answer(r) for a, r in zip(self.names, replies, strict=True)]
+        label = None
+        if isinstance(query, str) and self.labels is not None and query in self.labels.index:
+            label = int(self.labels.loc[query])
+        return {**malignancy.explain(self.probe, read), "read": read, "label": label}
+
 
 # -------------------------------------------------------------------- one pick, as data and as HTML
 def _num(x) -> float | None:
@@ -281,6 +311,54 @@ def as_pick(ex: Explorer, query, top: pd.DataFrame, reply: str, method: str, att
                       "percentile": _num(r.percentile)} for r in top.itertuples()]}
 
 
+def _prob(p: float) -> float:
+    """A probability as the panels show it (three decimals)."""
+    return float(f"{p:.3f}")
+
+
+def _contrib(c: float) -> float:
+    """A contribution as the panels show it (two decimals; -0.00 shown as +0.00 by both)."""
+    return float(f"{c:.2f}") + 0.0
+
+
+def probe_panel(m: dict | None) -> dict | None:
+    """`Explorer.malignancy`'s reading as the panels show it (rounded once, here, so that the live
+    grid and the book's page agree digit for digit)."""
+    if m is None:
+        return None
+    return {"p": _prob(m["probability"]), "label": m["label"], "contrib": [_contrib(c) for c in m["contributions"]],
+            "intercept": _contrib(m["intercept"]), "n_imputed": m["n_imputed"]}
+
+
+def _sorted_contributions(panel: dict, names) -> list[tuple[str, float]]:
+    """(attribute, contribution), largest |contribution| first, ties in registry order (the page's
+    JavaScript sorts the same way: its sort is stable)."""
+    pairs = list(zip(names, panel["contrib"]))
+    return sorted(pairs, key=lambda t: -abs(t[1]))
+
+
+def malignancy_html(panel: dict | None, names, missing: str | None = None) -> str:
+    """The malignancy panel beside a pick's grid: the probability, the label where known, and each
+    attribute's contribution as a bar; `missing` (one line) when the run has no probe."""
+    e = html.escape
+    if panel is None:
+        return f'<div class="skx-malig skx-none"><p class="skx-note">{e(missing or "No malignancy probe.")}</p></div>'
+    pairs = _sorted_contributions(panel, names)
+    top = max([abs(c) for _, c in pairs] + [1e-9])
+    rows = "".join(
+        f'<tr data-attribute="{e(n)}"><td>{e(n)}</td><td><span class="skx-bar {"skx-pos" if c > 0 else "skx-neg"}" '
+        f'style="width:{round(80 * abs(c) / top)}px"></span></td><td>{c:+.2f}</td></tr>' for n, c in pairs)
+    rows += f'<tr class="skx-intercept"><td>intercept</td><td></td><td>{panel["intercept"]:+.2f}</td></tr>'
+    label = ("" if panel["label"] is None else
+             f'<div class="skx-label">label: {"malignant" if panel["label"] else "benign"}</div>')
+    filled = (f' {panel["n_imputed"]} of {len(pairs)} replies held no number and were filled with the training '
+              'median.' if panel["n_imputed"] else "")
+    return (f'<div class="skx-malig" data-probability="{panel["p"]:.3f}">'
+            f'<div class="skx-title">malignancy probe: P(malignant) {panel["p"]:.3f}</div>{label}'
+            f'<p class="skx-note">{e(PROBE_NOTE)}.{e(filled)}</p>'
+            f'<table class="skx-contrib">{rows}</table></div>')
+
+
 def thumbnail(image) -> bytes:
     """A JPEG of at most THUMB_PX a side (never enlarged)."""
     im = image.convert("RGB")
@@ -301,6 +379,15 @@ CSS = """<style>
 .skx-controls label{margin-right:1.2em;white-space:nowrap}
 .skx-note{font-size:90%;color:#555}
 .skx-error{color:#a00;font-weight:600}
+.skx-body{display:flex;flex-wrap:wrap;gap:18px;align-items:flex-start}
+.skx-body .skx-grid{flex:1 1 420px}
+.skx-malig{flex:0 0 300px;font-size:12px}
+.skx-malig .skx-note{margin:.3em 0}
+.skx-contrib{border-collapse:collapse}
+.skx-contrib td{padding:1px 4px;white-space:nowrap}
+.skx-contrib td:last-child{text-align:right;font-variant-numeric:tabular-nums}
+.skx-bar{display:inline-block;height:9px}
+.skx-pos{background:#c0392b}.skx-neg{background:#2e86c1}
 </style>"""
 
 
@@ -308,9 +395,10 @@ def _fmt(v, unit: str) -> str:
     return "no value" if v is None else f"{v:.2f} {unit}".rstrip()
 
 
-def pick_html(p: dict, src) -> str:
-    """The HTML of a `pick`: a titled grid, the query first. `src(id)` gives an image's URL (None:
-    the uploaded image). The static explorer's JavaScript draws the same markup."""
+def pick_html(p: dict, src, panel: str = "") -> str:
+    """The HTML of a `pick`: a titled grid, the query first, and beside it `panel` (the malignancy
+    panel's HTML, `malignancy_html`). `src(id)` gives an image's URL (None: the uploaded image).
+    The static explorer's JavaScript draws the same markup."""
     e, q, unit = html.escape, p["query"], p["unit"]
     said = _fmt(q["said"], unit) if q["said"] is not None else f"no number ({q['reply']!r})"
     measured = (f"{p['attribute']} {_fmt(q['value'], unit)}" if q["id"] is not None
@@ -326,28 +414,32 @@ def pick_html(p: dict, src) -> str:
     title = f"{p['label']} · {p['attribute']} · top {p['k']} of {p['n_db']:,} database images"
     return (f'<div class="skx-pick" data-method="{e(p["method"])}" data-attribute="{e(p["attribute"])}" '
             f'data-k="{p["k"]}" data-query="{e(q["id"] or "")}"><div class="skx-title">{e(title)}</div>'
-            f'<div class="skx-grid">{"".join(cards)}</div></div>')
+            f'<div class="skx-body"><div class="skx-grid">{"".join(cards)}</div>{panel}</div></div>')
 
 
 def data_uri(jpeg: bytes) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
 
 
-def grid_html(ex: Explorer, p: dict, upload=None) -> str:
+def grid_html(ex: Explorer, p: dict, upload=None, reading: dict | None = None) -> str:
     """The live grid of a pick: `pick_html` with its thumbnails inline (`upload`: the query image
-    when the query is an upload)."""
+    when the query is an upload) and the malignancy panel of `reading` (`Explorer.malignancy`;
+    without it, or without a probe, the panel's one line)."""
     def src(i):
         return data_uri(thumbnail(upload if i is None else ex.image(i)))
-    return CSS + pick_html(p, src)
+    missing = ex.probe_missing or "The malignancy probe was not asked for this pick."
+    return CSS + pick_html(p, src, malignancy_html(probe_panel(reading), ex.names, missing))
 
 
 # -------------------------------------------------------------------- the live widgets
 class Controls:
     """The live explorer (ipywidgets): a query from the test set or an uploaded image, a method, an
     attribute and k; every change redraws the pick. Picking a query (or "clear upload") drops the
-    upload. The last pick is kept in `result` (the top-k frame), `reply` (the model's answer),
-    `message` (what went wrong with an upload, else "") and `seconds`, so it can be checked without
-    a browser."""
+    upload. Beside the grid, the malignancy probe's reading of the query from the 16 attributes the
+    model reads (asked once per query or upload, then kept while other controls change). The last
+    pick is kept in `result` (the top-k frame), `reply` (the model's answer), `reading`
+    (`Explorer.malignancy`, None without a probe), `message` (what went wrong with an upload, else
+    "") and `seconds`, so it can be checked without a browser."""
 
     def __init__(self, ex: Explorer, upload: bool = True):
         import ipywidgets as W
@@ -365,6 +457,8 @@ class Controls:
         self.grid = W.HTML()
         self.uploaded = None  # (image, name) while an upload is the query
         self.result, self.reply, self.message, self.seconds = None, None, "", None
+        self.reading = None
+        self._readings: dict = {}  # query id (or the upload's name) -> Explorer.malignancy
         top = [self.query] + ([self.upload, self.clear] if upload else [])
         self.widget = W.VBox([W.HBox(top), W.HBox([self.method, self.attribute, self.k]), self.status, self.grid])
         self.query.observe(self._on_query, names="value")
@@ -376,6 +470,7 @@ class Controls:
 
     def _drop_upload(self, redraw: bool) -> None:
         self.uploaded = None
+        self._readings.pop(("upload",), None)
         if self.upload is not None and self.upload.value:
             self.upload.value = ()  # observed as an empty value, which draws nothing
             self.clear.disabled = True
@@ -389,6 +484,7 @@ class Controls:
     def _on_upload(self, change) -> None:
         if not change["new"]:
             return
+        self._readings.pop(("upload",), None)
         try:
             self.uploaded = read_upload(change["new"][0])
         except BadUpload as e:
@@ -410,8 +506,12 @@ class Controls:
         method, attribute = self.method.value, self.attribute.value
         self.result = self.ex.search(query, method, attribute, self.k.value)
         self.reply = self.ex.ask(query, attribute)
+        key = ("upload",) if name else query   # a new upload drops the old one's reading first
+        if key not in self._readings:
+            self._readings[key] = self.ex.malignancy(query)
+        self.reading = self._readings[key]
         p = as_pick(self.ex, query, self.result, self.reply, method, attribute, name)
-        self.grid.value = grid_html(self.ex, p, query if name else None)
+        self.grid.value = grid_html(self.ex, p, query if name else None, self.reading)
         self.message, self.seconds = message, time.perf_counter() - t
         shown = f"uploaded image {name}" if name else f"query {query}"
         err = f'<div class="skx-error">{html.escape(message)}</div>' if message else ""
@@ -463,8 +563,10 @@ def static_data(ex: Explorer, query_ids, k: int = K_MAX) -> dict:
         replies = asked[qi * len(names):(qi + 1) * len(names)]
         said = [attributes.get(a).read_answer(r) for a, r in zip(names, replies)]
         queries.append({"id": q, "values": [_shown(v) for v in values[qi]], "replies": replies,
-                        "said": [_shown(s) for s in said]})
+                        "said": [_shown(s) for s in said],
+                        "malignancy": probe_panel(ex.malignancy(q, replies))})  # from the same replies
     return {"k": k, "n_db": len(ex.db_ids), "queries": queries,
+            "probe": {"note": PROBE_NOTE, "missing": ex.probe_missing},
             "methods": [{"key": m, "label": study.LABELS[m], "per_attribute": m not in IMAGE_ONLY} for m in METHODS],
             "attributes": [{"name": a, "unit": attributes.get(a).unit} for a in names],
             "top": top, "pct": pct}
@@ -551,7 +653,41 @@ STATIC_JS = r"""
     f.appendChild(img); f.appendChild(cap);
     return f;
   }
+  function sign(v) { return (v >= 0 ? "+" : "") + v.toFixed(2); }
+  function panel(m) {
+    // the same markup as malignancy_html
+    if (m === null) {
+      var none = el("div", "skx-malig skx-none");
+      none.appendChild(el("p", "skx-note", D0.probe.missing || "No malignancy probe."));
+      return none;
+    }
+    var box = el("div", "skx-malig"), t = el("table", "skx-contrib");
+    box.dataset.probability = m.p.toFixed(3);
+    box.appendChild(el("div", "skx-title", "malignancy probe: P(malignant) " + m.p.toFixed(3)));
+    if (m.label !== null) box.appendChild(el("div", "skx-label", "label: " + (m.label ? "malignant" : "benign")));
+    var filled = m.n_imputed ? " " + m.n_imputed + " of " + m.contrib.length +
+      " replies held no number and were filled with the training median." : "";
+    box.appendChild(el("p", "skx-note", D0.probe.note + "." + filled));
+    var pairs = D0.attributes.map(function (a, i) { return [a.name, m.contrib[i]]; });
+    pairs.sort(function (x, y) { return Math.abs(y[1]) - Math.abs(x[1]); });   // stable: ties keep their order
+    var top = Math.max.apply(null, pairs.map(function (x) { return Math.abs(x[1]); }).concat([1e-9]));
+    pairs.forEach(function (x) {
+      var tr = el("tr"), bar = el("span", "skx-bar " + (x[1] > 0 ? "skx-pos" : "skx-neg")), cell = el("td");
+      tr.dataset.attribute = x[0];
+      bar.style.width = Math.round(80 * Math.abs(x[1]) / top) + "px";
+      cell.appendChild(bar);
+      tr.appendChild(el("td", "", x[0])); tr.appendChild(cell); tr.appendChild(el("td", "", sign(x[1])));
+      t.appendChild(tr);
+    });
+    var ti = el("tr", "skx-intercept");
+    ti.appendChild(el("td", "", "intercept")); ti.appendChild(el("td")); ti.appendChild(el("td", "", sign(m.intercept)));
+    t.appendChild(ti);
+    box.appendChild(t);
+    return box;
+  }
+  var D0;
   function start(D) {
+    D0 = D;
     var c = {};
     box.querySelectorAll("[data-control]").forEach(function (x) { c[x.dataset.control] = x; });
     D.queries.forEach(function (q, i) { c.query.add(new Option(q.id, i)); });
@@ -578,7 +714,10 @@ STATIC_JS = r"""
         h.dataset.rank = r + 1;
         grid.appendChild(h);
       }
-      pick.appendChild(grid);
+      var body = el("div", "skx-body");
+      body.appendChild(grid);
+      body.appendChild(panel(q.malignancy));
+      pick.appendChild(body);
       view.replaceChildren(pick);
     }
     [c.query, c.method, c.attribute, c.k].forEach(function (x) { x.addEventListener("input", draw); });

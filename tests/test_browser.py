@@ -131,20 +131,53 @@ def _expected_pick(ex, q: str, method: str, attribute: str, k: int):
     return head, hits
 
 
+@functools.cache
+def _expected_panel(run, q: str):
+    """What the malignancy panel must show for query q: chapter 6's saved probe applied to the 16
+    values the run's model reads in q, the label from the release, the contributions largest first."""
+    import pandas as pd
+
+    from skinlib import attributes, config, malignancy
+    cfg = config.load_profile("smoke")
+    ex = _explorer(run)
+    probe = malignancy.load_probe(config.malignancy_probe_path(run))
+    m = malignancy.explain(probe, [attributes.get(a).read_answer(ex.ask(q, a)) for a in ex.names])
+    target = pd.read_csv(config.release_files(cfg, run)[1], usecols=["isic_id", "target"]).set_index("isic_id").target[q]
+    shown = [(n, float(f"{c:.2f}") + 0.0) for n, c in zip(attributes.NAMES, m["contributions"])]
+    rows = [[n, f"{c:+.2f}"] for n, c in sorted(shown, key=lambda t: -abs(t[1]))]
+    rows.append(["intercept", f"{probe.intercept:+.2f}"])
+    return (f"malignancy probe: P(malignant) {m['probability']:.3f}", "label: " + ("malignant" if target else "benign"),
+            True, rows)   # the panel says where its numbers come from
+
+
+@functools.cache
+def _explorer(run):
+    from skinlib import config, explore
+    return explore.Explorer(config.load_profile("smoke"), run)
+
+
 def _shown_pick(box):
     pick = box.locator(".skx-pick")
     head = _caption(pick.locator(".skx-query figcaption").inner_text())
     hits = [(h.get_attribute("data-id"), _caption(h.locator("figcaption").inner_text()))
             for h in pick.locator(".skx-hit").all()]
     return (pick.get_attribute("data-method"), pick.get_attribute("data-attribute"), int(pick.get_attribute("data-k")),
-            pick.get_attribute("data-query"), pick.locator(".skx-title").inner_text()), head, hits
+            pick.get_attribute("data-query"), pick.locator(".skx-title").first.inner_text()), head, hits
+
+
+def _shown_panel(box):
+    from skinlib import explore
+    panel = box.locator(".skx-pick .skx-malig")
+    rows = [[c.strip() for c in r.locator("td").all_inner_texts()] for r in panel.locator("tr").all()]
+    return (panel.locator(".skx-title").inner_text(), panel.locator(".skx-label").inner_text(),
+            explore.PROBE_NOTE in panel.locator(".skx-note").inner_text(), [[r[0], r[2]] for r in rows])
 
 
 def test_the_static_explorer_shows_the_runs_own_picks(served, browser, smoke_run):
     """Every control of the kernel-free explorer changes what is shown, and what is shown is what the
     run's Explorer returns for the same pick (ids, values, percentiles, the model's answer)."""
-    from skinlib import config, explore, study
-    ex = explore.Explorer(config.load_profile("smoke"), smoke_run[0])
+    from skinlib import explore, study
+    ex = _explorer(smoke_run[0])
     _, base = served
     page, problems = visit(browser, base + "book/run/07_explore.html")
     assert not problems, problems
@@ -162,6 +195,8 @@ def test_the_static_explorer_shows_the_runs_own_picks(served, browser, smoke_run
         assert study.LABELS[method] in title and attribute in title  # the grid names its method
         want_head, want_hits = _expected_pick(ex, q, method, attribute, k)
         assert head == want_head and hits == want_hits, (method, attribute, k, q)
+        # beside the retrievals: the probe's reading of the query, as the run's own probe gives it
+        assert _shown_panel(box) == _expected_panel(smoke_run[0], q), q
         broken = page.evaluate("Array.from(document.querySelectorAll('.skx-pick img'))"
                                ".filter(i => !(i.complete && i.naturalWidth > 0)).length")
         assert broken == 0

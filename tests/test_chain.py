@@ -280,3 +280,67 @@ def test_the_book_carries_the_kernel_free_explorer_within_its_budget(smoke_run, 
     assert len(data["queries"]) == min(len(ex_q), explore.STATIC_QUERIES) and {q["id"] for q in data["queries"]} <= ex_q
     thumbs = {p.stem for p in files if p.suffix == ".jpg"}
     assert {d["id"] for d in data["db"]} | {q["id"] for q in data["queries"]} == thumbs
+
+
+def _probe_rows(contributions) -> list[tuple[str, str]]:
+    """The panel's rows as it must list them: attribute and contribution to two decimals, largest
+    |contribution| first (ties in registry order)."""
+    from skinlib import attributes
+    shown = [(n, float(f"{c:.2f}") + 0.0) for n, c in zip(attributes.NAMES, contributions)]
+    return [(n, f"{c:+.2f}") for n, c in sorted(shown, key=lambda t: -abs(t[1]))]
+
+
+def _panel_rows(grid: str) -> list[tuple[str, str]]:
+    return re.findall(r'<tr data-attribute="([^"]+)"><td>[^<]*</td><td>.*?</td><td>([+-]\d+\.\d\d)</td></tr>', grid)
+
+
+def test_the_explorer_shows_the_malignancy_probe_of_the_attributes_the_model_reads(smoke_run, tmp_path):
+    """Stage 06 keeps its attribute probe; the live explorer applies it to the 16 values the model
+    reads in the query (an id or an upload) and shows the probability, each attribute's contribution
+    and, for a stored query, its label. A run without a probe says so in one line."""
+    import pandas as pd
+
+    from skinlib import attributes, explore, malignancy
+    out, _ = smoke_run
+    cfg = config.load_profile("smoke")
+    probe = malignancy.load_probe(config.malignancy_probe_path(out))   # sealed, the 16 names
+    # it is the chapter's probe: on the true attributes it gives the scores chapter 6 wrote
+    scores = pd.read_csv(config.malignancy_scores_path(out))
+    true = scores[scores.features == "true attributes"]
+    manifest = split.load_manifest(config.manifest_path(out)).set_index("isic_id")
+    x = manifest.loc[true.isic_id, list(attributes.NAMES)].to_numpy(dtype=float)
+    np.testing.assert_allclose(probe.score(x), true.score, rtol=0, atol=1e-12)
+
+    ex = explore.Explorer(cfg, out)
+    c = explore.Controls(ex)
+    c.show()
+    labels = pd.read_csv(config.release_files(cfg, out)[1], usecols=["isic_id", "target"]).set_index("isic_id").target
+    for q in (ex.q_ids[0], ex.q_ids[3]):
+        c.query.value = q
+        read = [attributes.get(a).read_answer(ex.ask(q, a)) for a in ex.names]
+        want = malignancy.explain(probe, read)
+        assert c.reading["probability"] == want["probability"] and c.reading["label"] == labels[q]
+        assert f"malignancy probe: P(malignant) {want['probability']:.3f}" in c.grid.value
+        assert ("label: malignant" if labels[q] else "label: benign") in c.grid.value
+        assert "the 16 attributes the model reads" in c.grid.value
+        assert _panel_rows(c.grid.value) == _probe_rows(want["contributions"])
+        assert f"<td>intercept</td><td></td><td>{probe.intercept:+.2f}</td>" in c.grid.value
+    before = c.reading
+    c.k.value = 2   # other controls redraw the same reading, not a new one
+    assert c.reading is before and "P(malignant)" in c.grid.value
+    # an uploaded crop: the same probe on what the model reads in it, and no label (none is known)
+    c.upload.value = _upload("mine.png", _png(ex.image(ex.db_ids[2])))
+    image = c.uploaded[0]
+    want = malignancy.explain(probe, [attributes.get(a).read_answer(r) for a, r in
+                                      zip(ex.names, ex.ask_rows([(image, a) for a in ex.names]))])
+    assert c.reading["probability"] == want["probability"] and c.reading["label"] is None
+    assert f"P(malignant) {want['probability']:.3f}" in c.grid.value and "label:" not in c.grid.value
+    assert _panel_rows(c.grid.value) == _probe_rows(want["contributions"])
+    # a run whose stage 06 wrote no probe: one line, and the explorer works on
+    bare = explore.Explorer(cfg, out, probe_path=tmp_path / "attribute_probe.json")
+    c = explore.Controls(bare, upload=False)
+    top = c.show()
+    assert c.reading is None and "P(malignant)" not in c.grid.value
+    assert "No malignancy probe: stage 06 wrote none" in c.grid.value and len(top) == 5
+    data = explore.static_data(bare, bare.q_ids[:1], k=2)
+    assert data["queries"][0]["malignancy"] is None and data["probe"]["missing"] == bare.probe_missing
