@@ -403,6 +403,12 @@ def malignancy_scores_path(run) -> Path:
     return metrics_dir(run) / "malignancy_scores.csv"
 
 
+def malignancy_probe_path(run) -> Path:
+    """The attribute probe fitted on the training images' true attributes, as sealed JSON (06_malignancy;
+    the explorer applies it to the attributes the model reads)."""
+    return stage_dir(run, "06_malignancy") / "attribute_probe.json"
+
+
 def ordering_path(run) -> Path:
     """The Fig. 4 ordering as paired comparisons with bootstrap intervals (05_retrieval)."""
     return metrics_dir(run) / "ordering.csv"
