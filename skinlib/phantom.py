@@ -182,14 +182,19 @@ def make_reference(csv_path, out_path=REFERENCE_PATH) -> dict:
     return ref
 
 
+def _committed(path: Path, what: str, flag: str) -> dict:
+    """A summary committed under skinlib/data/, or an error saying the command that builds it."""
+    if not path.is_file():
+        raise FileNotFoundError(f"phantom {what} {path} is missing; build it with "
+                                f"`python -m skinlib.phantom {flag} <train-metadata.csv>`")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
 @lru_cache(maxsize=4)
 def load_reference(path=REFERENCE_PATH) -> dict:
     """The committed copula summary (see `make_reference`)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"phantom reference {path} is missing; build it with "
-                                "`python -m skinlib.phantom --make-reference <train-metadata.csv>`")
-    ref = json.loads(path.read_text(encoding="utf-8"))
+    ref = _committed(path, "reference", "--make-reference")
     if tuple(ref.get("targets", ())) != TARGETS:
         raise ValueError(f"{path} was built for targets {ref.get('targets')}, expected {TARGETS}; rebuild it")
     return ref
@@ -267,10 +272,7 @@ def make_malignancy(csv_path, out_path=MALIGNANCY_PATH, seed: int = 0, grid=None
 def load_malignancy(path=MALIGNANCY_PATH) -> dict:
     """The committed malignancy model (see `make_malignancy`)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"phantom malignancy model {path} is missing; build it with "
-                                "`python -m skinlib.phantom --make-malignancy <train-metadata.csv>`")
-    model = json.loads(path.read_text(encoding="utf-8"))
+    model = _committed(path, "malignancy model", "--make-malignancy")
     if tuple(model.get("attributes", ())) != attributes.NAMES:
         raise ValueError(f"{path} was built for attributes {model.get('attributes')}, "
                          f"expected {attributes.NAMES}; rebuild it")
