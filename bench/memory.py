@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -29,7 +28,13 @@ PAPER = {"n_db": 282_564, "n_q": 118_495, "width": 3_584, "attributes": 16, "k":
 
 
 def peak_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+    """This process's peak RSS (Linux /proc VmHWM). Not getrusage's ru_maxrss: that keeps the
+    high-water mark of the process image exec replaced, i.e. of the forking parent (a test
+    session of some GB), so a child would report its parent's size."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024   # kB
+    raise RuntimeError("no VmHWM in /proc/self/status: peak memory is measured on Linux only")
 
 
 def resident_bytes() -> int:

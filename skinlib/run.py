@@ -16,6 +16,7 @@ import argparse
 import difflib
 import hashlib
 import json
+import logging
 import sys
 import tempfile
 import time
@@ -264,6 +265,11 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.p and not a.notebook:
         ap.error("-p needs --notebook (the chain's parameters are the profile's)")
+    # On Ctrl-C the kernel dies with the runner, and nbclient (through traitlets' logger) and
+    # asyncio log its last words to the terminal; a stage's real failures reach StageFailed and
+    # the executed notebook, so those loggers say nothing here.
+    for name in ("traitlets", "asyncio"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         if a.notebook:
             params = {k: _parameter_value(v) for k, v in a.p}

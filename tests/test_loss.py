@@ -2,6 +2,7 @@
 where labels are gives the model's own loss and gradients (plain, LoRA, packed rows, two DDP
 processes), and the training loop applies it to no more rows than there are scored tokens."""
 import json
+import re
 import os
 import subprocess
 import sys
@@ -126,7 +127,7 @@ def test_training_applies_the_head_to_the_scored_tokens_only(tiny, tmp_path, pac
 
 
 WORKER = textwrap.dedent("""
-    import json, sys
+    import json, os, sys
     import torch
     from accelerate import Accelerator
     sys.path[:0] = [{tests!r}, {root!r}]
@@ -157,7 +158,8 @@ WORKER = textwrap.dedent("""
         flat = torch.cat([g.flatten() for g in gg.values()])
         both = acc.gather(flat[None])
         assert torch.equal(both[0], both[1]), kind
-    print("RESULT", acc.process_index, json.dumps(worst), flush=True)
+    # one write of one short line: the two processes share the pipe, and print may write in pieces
+    os.write(1, ("RESULT %d %s\\n" % (acc.process_index, json.dumps(worst))).encode())
 """)
 
 
@@ -169,8 +171,8 @@ def test_two_ddp_processes_get_the_models_own_loss_and_gradients(tiny, tmp_path)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run(launch_command(2, [str(script)]), env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    results = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT")]
-    assert len(results) == 2, done.stdout[-2000:]
-    for ln in results:
-        worst = json.loads(ln.split(" ", 2)[2])
-        assert set(worst) == {"full-packed", "lora"} and max(worst.values()) < 1e-5, ln
+    results = dict(re.findall(r"^RESULT (\d) (\{[^}]*\})$", done.stdout, flags=re.M))
+    assert sorted(results) == ["0", "1"], done.stdout[-2000:]
+    for rank, text in results.items():
+        worst = json.loads(text)
+        assert set(worst) == {"full-packed", "lora"} and max(worst.values()) < 1e-5, (rank, text)
