@@ -21,7 +21,7 @@ import yaml
 
 from skinlib import config, resumable, run as chain
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = config.seed_ordering_path().parent
 UP_TO = "05_retrieval"
 
 
@@ -66,11 +66,11 @@ def main(argv=None) -> int:
     root.mkdir(parents=True, exist_ok=True)
     runs = {s: reuse[s] if s in reuse else run_seed(s, root) for s in a.seeds}
     wide, r2 = compare(runs)
-    resumable.write_text(RESULTS / "seed_ordering.csv", wide.to_csv(index=False))
+    resumable.write_text(config.seed_ordering_path(), wide.to_csv(index=False))
     resumable.write_text(RESULTS / "seed_r2.csv", r2.to_csv(index=False))
     n = len(wide)
     print(f"verdicts agree on {int(wide.agree.sum())} of {n} (attribute, comparison) pairs "
-          f"-> {RESULTS / 'seed_ordering.csv'}")
+          f"-> {config.seed_ordering_path()}")
     return 0
 
 

@@ -36,7 +36,8 @@ STAGES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
 # Parameters the batch run gives a stage besides profile and out.
 STAGE_PARAMETERS: dict[str, dict] = {"07_explore": {"live": False}}
 # Files besides the data that a stage reads (hashed into its cache key).
-STAGE_INPUTS: dict[str, tuple[str, ...]] = {"08_performance": ("bench/results.csv",)}
+STAGE_INPUTS: dict[str, tuple[str, ...]] = {"05_retrieval": ("probes/results/seed_ordering.csv",),
+                                             "08_performance": ("bench/results.csv",)}
 STAGE_NAMES: tuple[str, ...] = tuple(s[0] for s in STAGES)
 
 
@@ -407,6 +408,11 @@ def malignancy_probe_path(run) -> Path:
     """The attribute probe fitted on the training images' true attributes, as sealed JSON (06_malignancy;
     the explorer applies it to the attributes the model reads)."""
     return stage_dir(run, "06_malignancy") / "attribute_probe.json"
+
+
+def seed_ordering_path() -> Path:
+    """The side study of the ordering across training seeds (probes/seed_study.py), committed."""
+    return REPO_ROOT / "probes" / "results" / "seed_ordering.csv"
 
 
 def ordering_path(run) -> Path:

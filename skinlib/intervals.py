@@ -230,3 +230,19 @@ def ordering_sentence(table: pd.DataFrame, level: float = LEVEL) -> str:
             extra.append(f"reversed beyond noise on {_which(by['reversed'])}")
         parts.append(text + (f" ({'; '.join(extra)})" if extra else ""))
     return f"with {level:.0%} patient-bootstrap intervals, " + "; ".join(parts) + "."
+
+
+def seed_agreement_sentence(wide: pd.DataFrame) -> str:
+    """probes/seed_study.py's table in words: per comparison, on how many attributes the verdicts
+    of every seed agree, and where they do not (with each seed's verdict)."""
+    seeds = [c[len("verdict_"):] for c in wide.columns if c.startswith("verdict_")]
+    parts = []
+    for comp, g in wide.groupby("comparison", sort=False):
+        differ = g[~g.agree.astype(bool)]
+        text = f"{_SAY.get(comp, comp)}: the verdicts agree on {int(g.agree.sum())} of {len(g)} attributes"
+        if len(differ):
+            text += " (not on " + "; ".join(
+                f"{r.attribute}: " + " vs ".join(str(r[f"verdict_{s}"]) for s in seeds)
+                for _, r in differ.iterrows()) + ")"
+        parts.append(text)
+    return f"Across training seeds ({', '.join(seeds)}): " + "; ".join(parts) + "."

@@ -121,3 +121,12 @@ def test_summary_gains_the_interval_of_each_median():
     s = intervals.summary_with_intervals(evaluate.summary(long), long, patients, n_boot=200)
     assert list(s.columns[:5]) == evaluate.SUMMARY_COLUMNS and len(s) == 2
     assert (s.median_lo <= s.median_percentile).all() and (s.median_percentile <= s.median_hi).all()
+
+
+def test_seed_agreement_sentence_names_the_attributes_whose_verdicts_differ():
+    wide = pd.DataFrame({"attribute": ["areaMM2", "B"], "comparison": ["image_text<image"] * 2,
+                         "verdict_seed0": ["holds", "holds"], "verdict_seed1": ["holds", "not separable"],
+                         "agree": [True, False]})
+    text = intervals.seed_agreement_sentence(wide)
+    assert text.startswith("Across training seeds (seed0, seed1): ")
+    assert "agree on 1 of 2 attributes (not on B: holds vs not separable)" in text
