@@ -40,7 +40,7 @@ data = config.section(cfg, "data", n_images=n_images, phantom_seed=phantom_seed,
                       test_fraction=test_fraction, split_seed=split_seed, on_error=on_error)
 run = config.run_dir(cfg, out)
 fixtures = config.resolve_path(config.section(cfg, "reference")["fixtures_dir"])
-print(f"profile {cfg['name']!r}, data source {data['source']!r}, run folder {run}")
+print(f"profile {cfg['name']!r}, data source {data['source']!r}, run folder {config.shown(run)}")
 
 # %% [markdown]
 # ## The release files
@@ -77,7 +77,7 @@ display(report)
 table = ds.exclusion_table()
 config.exclusions_path(run).parent.mkdir(parents=True, exist_ok=True)
 table.to_csv(config.exclusions_path(run), index=False)
-print(f"exclusions written to {config.exclusions_path(run)} ({len(table)} rows)")
+print(f"exclusions written to {config.shown(config.exclusions_path(run), run)} ({len(table)} rows)")
 
 # %% [markdown]
 # ## Split by patient

@@ -43,7 +43,7 @@ cfg["train"] = config.section(cfg, "train", method=method, lr=lr, batch_size=bat
 run = config.run_dir(cfg, out)
 config.set_threads(cfg.get("threads", 1))
 print(f"profile {cfg['name']!r}: model {cfg['model']['name']!r}, method {cfg['train']['method']!r}, "
-      f"run folder {run}")
+      f"run folder {config.shown(run)}")
 
 # %% [markdown]
 # ## The tuples
@@ -135,6 +135,7 @@ display(fmt)
 
 # %%
 summary = finetune.run(cfg, run)
+summary["base"] = config.shown(summary["base"], run)   # a folder of this run, or a hub id
 display(pd.Series(summary, name="value").to_frame())
 
 # %%

@@ -133,7 +133,7 @@ skipped = {k for k in res.n_boot_skipped.values() if k}
 if skipped:   # the draws are shared, so on the same test images every set skips the same resamples
     print(f"{', '.join(map(str, sorted(skipped)))} of {n_boot} resamples held no malignant (or no benign) "
           "lesion and were not scored")
-print(f"-> {paths[0]}\n-> {paths[1]}")
+print(f"-> {config.shown(paths[0], run)}\n-> {config.shown(paths[1], run)}")
 
 # %% [markdown]
 # The attribute probe is kept for the explorer ({doc}`07_explore`), which scores every lesion it
@@ -148,7 +148,7 @@ from skinlib import resumable
 probe_path = config.malignancy_probe_path(run)
 if "true attributes" in res.probes:
     malignancy.save_probe(res.probes["true attributes"], probe_path)
-    print(f"-> {probe_path}")
+    print(f"-> {config.shown(probe_path, run)}")
 else:
     resumable.remove(probe_path)   # no stale probe from an earlier run of this folder
     print("no attribute probe was fitted: the explorer shows no malignancy probability")

@@ -85,12 +85,27 @@ def collect(run: str | Path, dest: Path) -> list[Path]:
         nb = nbformat.read(config.stage_dir(run, stage) / f"{stage}.ipynb", as_version=4)
         for cell in nb.cells:
             tags = cell.metadata.setdefault("tags", [])
-            if "injected-parameters" in tags and "remove-cell" not in tags:
-                tags.append("remove-cell")
+            if "injected-parameters" in tags:
+                if "remove-cell" not in tags:
+                    tags.append("remove-cell")
+                cell.source = _without_machine_paths(cell.source, run)   # the page's source copy keeps it
+        pm = nb.metadata.get("papermill", {})
+        for key in ("input_path", "output_path"):
+            if pm.get(key):
+                pm[key] = config.shown(pm[key], run)
+        for key, value in (pm.get("parameters") or {}).items():
+            if isinstance(value, str):
+                pm["parameters"][key] = config.shown(value, run)
         path = dest / f"{stage}.ipynb"
         nbformat.write(nb, path)
         out.append(path)
     return out
+
+
+def _without_machine_paths(text: str, run: Path) -> str:
+    """`text` with the run folder and the repository written as <run> and the repository-relative
+    path: the book shows no path of the machine that built it."""
+    return (text.replace(str(Path(run).resolve()), "<run>").replace(str(config.REPO_ROOT.resolve()) + "/", ""))
 
 
 def explorer_files(run: str | Path, root: Path) -> Path:

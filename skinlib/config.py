@@ -430,6 +430,20 @@ def set_threads(n: int) -> None:
     torch.set_num_threads(int(n))
 
 
+def shown(path, run=None) -> str:
+    """A path as the book prints it: relative to the run folder (`<run>/...`) or the repository,
+    never this machine's absolute path (a hub id or a relative path is shown as it is)."""
+    p = Path(path)
+    if not p.is_absolute():
+        return str(path)
+    p = p.resolve()
+    roots = ([(Path(run).resolve(), "<run>/")] if run is not None and p != Path(run).resolve() else [])
+    for root, prefix in roots + [(REPO_ROOT.resolve(), "")]:
+        if p.is_relative_to(root):
+            return prefix + p.relative_to(root).as_posix()
+    return p.name
+
+
 def resolve_path(p: str | os.PathLike) -> Path:
     """A profile's relative path is relative to the repository root, not the current folder."""
     p = Path(os.path.expanduser(str(p)))

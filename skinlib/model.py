@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -191,7 +192,11 @@ def apply_lora(model, rank: int = 8, alpha: int = 16, dropout: float = 0.05, vis
     targets = "|".join(f"(?:{p})" for p in parts)
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets,
                         bias="none", task_type="CAUSAL_LM")
-    peft_model = get_peft_model(model, config)
+    with warnings.catch_warnings():
+        # peft 0.21 reads transformers' deprecated alias is_gradient_checkpointing; the warning
+        # is about their two versions, nothing a reader of the book can act on
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        peft_model = get_peft_model(model, config)
     if not adapted_modules(peft_model):
         raise RuntimeError(f"LoRA matched no module of {type(model).__name__} with {targets!r}")
     return peft_model

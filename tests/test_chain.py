@@ -125,7 +125,7 @@ def test_a_failing_stage_names_notebook_and_cell_and_keeps_the_traceback(tmp_pat
     assert not (tmp_path / "run" / "01_data" / ".stage.json").exists()
 
 
-def test_the_book_builds_from_the_executed_notebooks(smoke_book):
+def test_the_book_builds_from_the_executed_notebooks(smoke_book, smoke_run):
     html = smoke_book
     pages = {p.relative_to(html).as_posix() for p in html.rglob("*.html")}
     for page in ("index.html", "book/intro.html", "book/references.html",
@@ -134,6 +134,12 @@ def test_the_book_builds_from_the_executed_notebooks(smoke_book):
     data_page = (html / "book/run/01_data.html").read_text()
     assert data_page.count("<img") >= 3  # sample crops, fixtures comparison, distributions
     assert "injected-parameters" not in data_page  # papermill's cell is hidden
+    # no page, and no page's source copy, shows a path of the machine that built the book
+    machine = [str(smoke_run[0].resolve()), str(config.REPO_ROOT.resolve()), "site-packages"]
+    for page in [*html.rglob("*.html"), *(html / "_sources").rglob("*.ipynb")]:
+        text = page.read_text(errors="replace")
+        shown = [m for m in machine if m in text]
+        assert not shown, f"{page.relative_to(html)} shows {shown}"
     assert "Torop" in (html / "book/references.html").read_text()
 
 
