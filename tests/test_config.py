@@ -91,3 +91,12 @@ def test_each_schema_type_accepts_its_own_and_refuses_the_others(tmp_path):
             else:
                 with pytest.raises(config.ProfileError, match=dotted.replace(".", r"\.")):
                     config.load_profile(prof)
+
+
+def test_shown_paths_are_relative_to_the_run_or_the_repository(tmp_path):
+    run = tmp_path / "runs" / "x"
+    assert config.shown(run / "03_predict" / "r2.csv", run) == "<run>/03_predict/r2.csv"
+    assert config.shown(config.REPO_ROOT / "runs" / "default") == "runs/default"
+    assert config.shown(run) == "x"                       # outside the repository: its name only
+    assert config.shown("Qwen/Qwen2-VL-7B-Instruct", run) == "Qwen/Qwen2-VL-7B-Instruct"   # a hub id
+    assert not config.shown(tmp_path / "elsewhere" / "f.csv", run).startswith("/")
