@@ -134,8 +134,7 @@ display(fmt)
 # above run either.
 
 # %%
-summary = finetune.run(cfg, run)
-summary["base"] = config.shown(summary["base"], run)   # a folder of this run, or a hub id
+summary = finetune.shown_summary(finetune.run(cfg, run), run)   # its paths relative to the run folder
 display(pd.Series(summary, name="value").to_frame())
 
 # %%

@@ -273,6 +273,12 @@ def save_tuples(tup: pd.DataFrame, path: Path, job: str) -> None:
     resumable.commit(path, job, rows=len(tup))
 
 
+def shown_summary(summary: dict, run_dir) -> dict:
+    """The summary as the book prints it: its paths (the base folder, the checkpoint it resumed
+    from) relative to the run folder, never this machine's."""
+    return {k: config.shown(v, run_dir) if k in ("base", "resumed_from") and v else v for k, v in summary.items()}
+
+
 def _saved_summary(out: Path) -> dict:
     summary = resumable.read_json(out / SUMMARY)
     if summary is None:
@@ -427,9 +433,10 @@ def main(argv=None) -> int:
     cfg = config.load_profile(a.profile)
     # under accelerate launch the profile's threads are shared by the processes on this machine
     config.set_threads(thread_share(cfg, os.environ.get("LOCAL_WORLD_SIZE", 1)))
-    summary = run(cfg, config.run_dir(cfg, a.out), progress=not a.quiet)
-    if int(os.environ.get("RANK", 0)) == 0:
-        print(json.dumps(summary, indent=1))
+    run_dir = config.run_dir(cfg, a.out)
+    summary = run(cfg, run_dir, progress=not a.quiet)
+    if int(os.environ.get("RANK", 0)) == 0:   # shown in the notebook when it launched us: no machine paths
+        print(json.dumps(shown_summary(summary, run_dir), indent=1))
     return 0
 
 
