@@ -175,24 +175,6 @@ def score(results: dict, db: pd.DataFrame, q: pd.DataFrame, names=None) -> pd.Da
     return long
 
 
-def ordering_check(summary: pd.DataFrame) -> pd.DataFrame:
-    """Per attribute: does the paper's ordering image+text <= hierarchical < image < untuned hold
-    (medians)? One row per attribute with the medians and a yes/no per comparison."""
-    wide = summary.pivot(index="attribute", columns="method", values="median_percentile")
-    wide = wide.reindex([a for a in attributes.NAMES if a in wide.index])
-    out = pd.DataFrame(index=wide.index)
-    for m in PAPER_METHODS:
-        if m in wide:
-            out[m] = wide[m].round(1)
-    if {"image_text", "hierarchical", "image", "image_untuned"} <= set(wide):
-        out["a ≤ b"] = wide.image_text <= wide.hierarchical
-        out["b < c"] = wide.hierarchical < wide.image
-        out["a < c"] = wide.image_text < wide.image
-        out["c < d"] = wide.image < wide.image_untuned
-        out["|a − b| ≤ 2"] = (wide.image_text - wide.hierarchical).abs() <= 2
-    return out.reset_index()
-
-
 def pca2(x: np.ndarray) -> np.ndarray:
     """The first two principal components (numpy SVD), for the embedding map."""
     x = np.asarray(x, dtype=np.float64)
@@ -334,22 +316,6 @@ def load_array(run, name: str, dtype=np.float32) -> np.ndarray:
     unsealed one is refused, named."""
     path = resumable.verified(config.embeddings_dir(run, name).with_suffix(".npy"), name)
     return np.load(path, allow_pickle=False).astype(dtype, copy=False)
-
-
-def ordering_counts(check: pd.DataFrame) -> str:
-    """One sentence: for how many attributes each step of the paper's ordering holds, and where not."""
-    n = len(check)
-    parts = []
-    for col, text in (("a < c", "image+text beats image-only"), ("c < d", "image-only (tuned) beats untuned"),
-                      ("|a − b| ≤ 2", "hierarchical is within 2 points of image+text")):
-        if col in check:
-            bad = check.attribute[~check[col]].tolist()
-            parts.append(f"{text} for {n - len(bad)} of {n} attributes" +
-                         (f" (not: {', '.join(bad)})" if bad else ""))
-    if {"a < c", "c < d"} <= set(check):
-        both = int((check["a < c"] & check["c < d"]).sum())
-        parts.append(f"image+text < image-only < untuned holds for {both} of {n}")
-    return "; ".join(parts) + "."
 
 
 def value_gaps(results: dict, db: pd.DataFrame, q: pd.DataFrame, q_ids, name: str) -> pd.DataFrame:

@@ -76,19 +76,6 @@ def test_candidates_can_come_from_a_function_and_are_computed_once_per_image_and
     assert done == sum(calls) <= 16 * len(db)
 
 
-def test_ordering_check_and_its_sentence():
-    rows = []
-    for j, name in enumerate(attributes.NAMES):
-        good = j != 3  # one attribute breaks the ordering
-        for m, v in zip(study.PAPER_METHODS, (10, 11, 20 if good else 5, 30, 40)):
-            rows.append({"method": m, "attribute": name, "median_percentile": float(v),
-                         "mean_percentile": float(v), "n_queries": 7})
-    check = study.ordering_check(pd.DataFrame(rows))
-    assert check["a < c"].sum() == 15 and not check.set_index("attribute").loc[attributes.NAMES[3], "a < c"]
-    text = study.ordering_counts(check)
-    assert "15 of 16" in text and attributes.NAMES[3] in text
-
-
 def test_example_queries_spread_over_the_range_and_pca_shape():
     q = pd.DataFrame({"isic_id": [f"Q{i}" for i in range(100)], "areaMM2": np.arange(100.0)})
     pick = study.example_queries(q, "areaMM2", n=4, seed=0)
