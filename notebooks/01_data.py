@@ -139,7 +139,7 @@ frames = {f"{data['source']} train": manifest[manifest.split == "train"],
 ks = None
 real5k = fixtures / "isic2024-metadata-sample5k.csv"
 if real5k.exists():
-    real_rows = attributes.zeros_as_missing(attributes.named(pd.read_csv(real5k)))
+    real_rows = attributes.zeros_as_missing(attributes.named(pd.read_csv(real5k), keep=("target",)))
     frames["real SLICE-3D (5k rows)"] = real_rows
     ks = metrics.ks_by_attribute(manifest, real_rows)
 fig = figures.attribute_distributions(frames, ks=ks)
@@ -164,9 +164,8 @@ if ks is not None:
 # %%
 if labels is not None:
     diffs = {f"{data['source']}": malignancy.attribute_differences(manifest.merge(labels, on="isic_id"))}
-    if real5k.exists():
-        real_labelled = attributes.zeros_as_missing(attributes.named(pd.read_csv(real5k), keep=("target",)))
-        diffs["real SLICE-3D (5k rows)"] = malignancy.attribute_differences(real_labelled)
+    if real5k.exists():   # read above, with its labels
+        diffs["real SLICE-3D (5k rows)"] = malignancy.attribute_differences(real_rows)
     fig = malignancy_figures.attribute_differences(diffs)
     plt.show()
 else:
