@@ -95,6 +95,10 @@ INT, NUM, BOOL, STR = Setting("int"), Setting("number"), Setting("bool"), Settin
 OPT_INT, OPT_STR = Setting("int", null=True), Setting("str", null=True)
 INTS, NUMS = Setting("list", item="int"), Setting("list", item="number")
 
+# How chapter 3 reads a reply: the likeliest string (the paper's), or the median of the model's
+# answer distribution in the answer shape (skinlib/median_reading.py).
+READINGS = ("greedy", "median")
+
 # Every key a profile may set, by section: a dict is a mapping of its own keys, a Setting a value.
 # The phantom's, the tiny model's and the encoder's keys mirror the code that reads them
 # (tests/test_config.py holds them equal: model.TINY_SIZES, train.Settings, encoder.TRAIN_KEYS,
@@ -133,8 +137,8 @@ SCHEMA: dict = {
     },
     "predict": {
         "n_images": OPT_INT, "batch_size": INT, "constrain": BOOL,
-        "readings": Setting("list", item="str", choices=("greedy", "median")),
-        "reading": Setting("str", choices=("greedy", "median")), "beam": INT,
+        "readings": Setting("list", item="str", choices=READINGS),
+        "reading": Setting("str", choices=READINGS), "beam": INT,
         "sample": {"k": INT, "n_images": OPT_INT, "seed": INT, "batch_size": INT},
     },
     "embed": {

@@ -22,6 +22,7 @@ import pandas as pd
 import torch
 
 from . import answer_format, attributes, resumable
+from .config import READINGS   # the one list of the readings a profile may name
 from .inputs import build_batch
 
 SHARDS = "shard-*.csv"
@@ -257,8 +258,6 @@ def _read_shard(path) -> pd.DataFrame:
     return pd.read_csv(path, keep_default_na=False, na_values=[""], dtype={"reply": str, "free_reply": str})
 
 
-READINGS = ("greedy", "median")   # how a reply is read: the likeliest string, or the answer
-                                  # distribution's median (`median_reading`, in the answer shape)
 
 
 def predict_sharded(model, tokenizer, image_processor, images: Mapping, truth: pd.DataFrame, out_dir,
