@@ -258,8 +258,6 @@ def _read_shard(path) -> pd.DataFrame:
     return pd.read_csv(path, keep_default_na=False, na_values=[""], dtype={"reply": str, "free_reply": str})
 
 
-
-
 def predict_sharded(model, tokenizer, image_processor, images: Mapping, truth: pd.DataFrame, out_dir,
                     shard_images: int = 250, key: str = "", progress: bool = True, reading: str = "greedy",
                     **kw) -> pd.DataFrame:
