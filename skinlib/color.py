@@ -72,7 +72,3 @@ def lab_to_srgb(lab, clip: bool = True) -> np.ndarray:
     rgb = linear_to_srgb(lin)
     return np.clip(rgb, 0.0, 1.0) if clip else rgb
 
-
-def lab_to_srgb8(lab) -> np.ndarray:
-    """L*a*b* -> uint8 sRGB (clipped, rounded)."""
-    return np.round(lab_to_srgb(lab, clip=True) * 255.0).astype(np.uint8)

@@ -43,15 +43,6 @@ def sample_tuples(frame: pd.DataFrame, w: int = 5, seed: int = 0, names=None) ->
     })
 
 
-def all_questions(frame: pd.DataFrame, names=None) -> pd.DataFrame:
-    """Every (test image, attribute) pair with its true value (NaN kept: excluded, not asked)."""
-    atts = attributes.resolve(names)
-    long = frame.melt(id_vars=["isic_id"], value_vars=[a.name for a in atts],
-                      var_name="attribute", value_name="true")
-    long["question"] = long.attribute.map({a.name: a.question for a in atts})
-    return long
-
-
 def asked_rows(tup: pd.DataFrame, ids, names=None) -> dict[str, np.ndarray]:
     """{attribute: boolean array over `ids`}: which of these images a tuple asked the attribute,
     i.e. where the model was taught it (for a read-out fitted on the same answers)."""
