@@ -10,6 +10,9 @@ again without it, so `free_reply`/`free_pred` always hold the plain greedy readi
 
 `sample` asks the same questions k times, sampling from the model, and reads the k replies as their
 median: a diagnostic of what greedy decoding leaves out, beside (never instead of) the greedy R².
+
+`predict_sharded` writes sealed shards and resumes; under `accelerate launch -m skinlib.predict`
+(`main`) the shards of chapter 3 are split across processes, and the notebook then only merges them.
 """
 from __future__ import annotations
 
@@ -241,14 +244,6 @@ def free_readings(pred: pd.DataFrame) -> pd.DataFrame:
     return pred.assign(reply=pred.free_reply, pred=pred.free_pred)
 
 
-def scatter_limits(frame: pd.DataFrame, q: float = 0.005) -> tuple[float, float]:
-    """Axis limits for a predicted-vs-true panel: the true values' central range, so one wild
-    reply does not squash the cloud (points beyond are clipped to the edge and marked)."""
-    lo, hi = np.nanquantile(frame["true"], [q, 1 - q])
-    pad = 0.05 * (hi - lo or 1.0)
-    return float(lo - pad), float(hi + pad)
-
-
 def _asked_rows(chunk: pd.DataFrame, names) -> int:
     """Rows `predict` gives for `chunk`: its (image, attribute) cells with a true value."""
     return int(chunk[[a.name for a in attributes.resolve(names)]].notna().to_numpy().sum())
@@ -260,7 +255,7 @@ def _read_shard(path) -> pd.DataFrame:
 
 def predict_sharded(model, tokenizer, image_processor, images: Mapping, truth: pd.DataFrame, out_dir,
                     shard_images: int = 250, key: str = "", progress: bool = True, reading: str = "greedy",
-                    **kw) -> pd.DataFrame:
+                    accelerator=None, **kw) -> pd.DataFrame:
     """`predict` (reading "greedy") or `median_reading.predict` (reading "median"; `kw` then takes
     shapes, batch_size, beam) in shards of `shard_images` images, each written to `out_dir` as it
     finishes, so an interrupted run resumes where it stopped.
@@ -270,12 +265,18 @@ def predict_sharded(model, tokenizer, image_processor, images: Mapping, truth: p
     questions and answer format and the options: shards of another job are cleared, never mixed in.
     Each shard is sealed (`resumable.seal`: job, bytes, sha256, rows) once written; a shard that
     does not pass `resumable.check` (cut short, altered, unsealed, of another job) is named and
-    recomputed, never read."""
+    recomputed, never read.
+
+    accelerator: an `accelerate.Accelerator` (as `embed.extract`): process i computes shards i,
+    i+P, ... and the main process owns the stamp; every process returns the whole merged table.
+    A shard is computed the same way whichever process takes it, so the table does not depend on
+    the number of processes; and a later call of one process (the notebook) finds the finished
+    shards and only merges them. The table is always read back from the stored shards."""
     from pathlib import Path
 
     from tqdm.auto import tqdm
 
-    from . import median_reading
+    from . import embed, median_reading
 
     if reading not in READINGS:
         raise ValueError(f"reading must be one of {READINGS}, not {reading!r}")
@@ -286,32 +287,106 @@ def predict_sharded(model, tokenizer, image_processor, images: Mapping, truth: p
             "weights": resumable.model_fingerprint(model), "shard_images": shard_images, "options": repr(options),
             "attributes": attributes.fingerprint(kw.get("names"))}
     stamp = resumable.Stamp(out, spec)
-    stamp.begin([SHARDS])
-    starts = range(0, len(truth), shard_images)
+    index, num = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    if index == 0:
+        stale = len(list(out.glob(SHARDS))) if stamp.current() != stamp.key else 0
+        stamp.begin([SHARDS])
+        if stale:   # said, so that shards computed elsewhere under other options are not lost unseen
+            print(f"predict: {out} held {stale} shards of another job (job.json differs); they were removed")
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+        if stamp.current() != stamp.key:
+            raise RuntimeError(f"process {index}: {stamp.path} holds job {stamp.current()}, this process computes "
+                               f"job {stamp.key}; all processes must get the same images, model and options")
+    starts = list(range(0, len(truth), shard_images))
     path = {s: out / f"shard-{s // shard_images:05d}.csv" for s in starts}
     chunks = {s: truth.iloc[s:s + shard_images] for s in starts}
-    problem = {s: resumable.check(path[s], stamp.key, rows=_asked_rows(chunks[s], kw.get("names"))) for s in starts}
-    for s in starts:
+    rows = {s: _asked_rows(chunks[s], kw.get("names")) for s in starts}
+    mine = [starts[i] for i in embed.process_shards(len(starts), index, num)]
+    problem = {s: resumable.check(path[s], stamp.key, rows=rows[s]) for s in mine}
+    for s in mine:
         if problem[s] is not None and path[s].exists():   # a missing shard is only not done yet
             print(f"predict: recomputing a shard: {problem[s]}")
-    done = sum(problem[s] is None for s in starts)
-    bar = tqdm(total=len(truth), desc="predict", unit="img", disable=not progress,
-               initial=min(len(truth), done * shard_images))
-    parts = []
-    for s in starts:
-        if problem[s] is None:
-            parts.append(_read_shard(path[s]))
-            continue
+    todo = [s for s in mine if problem[s] is not None]
+    bar = tqdm(total=sum(len(chunks[s]) for s in mine), desc="predict", unit="img", disable=not progress,
+               initial=sum(len(chunks[s]) for s in mine if s not in todo), position=index)
+    for s in todo:
         resumable.remove(path[s])
         part = ask(model, tokenizer, image_processor, images, chunks[s], progress=False, **kw)
         part.to_csv(resumable.partial_path(path[s]), index=False)
         resumable.commit(path[s], stamp.key, rows=len(part))
-        parts.append(part)
         bar.update(len(chunks[s]))
     bar.close()
-    res = pd.concat(parts, ignore_index=True)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    res = pd.concat([_read_shard(resumable.verified(path[s], stamp.key, rows=rows[s])) for s in starts],
+                    ignore_index=True)
     for col in ("reply", "free_reply"):   # the median reading has no free_reply
         if col in res:
             res[col] = res[col].fillna("")
     res.attrs["job"] = stamp.key
+    res.attrs["computed"] = [s // shard_images for s in todo]   # shards this process (re)computed
     return res
+
+
+# ---------------------------------------------------------------------------- the stage's shards
+def stage_predictions(cfg: dict, run, accelerator=None, progress: bool = True) -> dict[str, pd.DataFrame]:
+    """Chapter 3's predictions of a run, every reading the profile scores ({reading: table}), with
+    the very calls of notebooks/03_predict.py: the same images, model key, options and folders,
+    hence the same jobs, so shards written here are the notebook's finished shards.
+
+    `run` is taken as `skinlib.run` hands it to the notebook (resolved): the model's path is part
+    of the job key."""
+    from . import answer_format as formats, config, model as models, qa, slice3d, split, study
+
+    pcfg = cfg["predict"]
+    readings = list(dict.fromkeys(["greedy", *pcfg["readings"], pcfg["reading"]]))   # greedy is always read
+    manifest = split.load_manifest(config.manifest_path(run))
+    test = study.queries(manifest, pcfg["n_images"], cfg["seed"])   # the notebook's seeded subset rule
+    device = accelerator.device if accelerator is not None else models.default_device()
+    loaded = models.load_finetuned(config.finetuned_dir(run), device=device)
+    release = slice3d.Slice3D(*config.release_files(cfg, run), on_error=cfg["data"]["on_error"])
+    images = qa.ImageCache(release, loaded.image_processor, keep=False)
+    needs_shapes = pcfg["constrain"] or "median" in readings
+    shapes = formats.shapes(pd.read_parquet(config.tuples_path(run))) if needs_shapes else None
+    args = (loaded.model, loaded.tokenizer, loaded.image_processor, images, test)
+    common = dict(key=str(config.finetuned_dir(run)), batch_size=pcfg["batch_size"], accelerator=accelerator,
+                  progress=progress)
+    frames = {"greedy": predict_sharded(*args, config.reply_shards_dir(run, "greedy"),
+                                        shapes=shapes if pcfg["constrain"] else None, **common)}
+    if "median" in readings:
+        frames["median"] = predict_sharded(*args, config.reply_shards_dir(run, "median"), reading="median",
+                                           shapes=shapes, beam=pcfg["beam"], **common)
+    return frames
+
+
+def main(argv=None) -> int:
+    """`accelerate launch -m skinlib.predict --profile paper --out runs/paper`: chapter 3's
+    prediction shards split across processes (GPUs); the notebook then finds them finished and
+    only merges and scores them. An interrupted launch resumes from the finished shards."""
+    import argparse
+    import os
+
+    from . import config, finetune, study
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("--profile", default="default")
+    ap.add_argument("--out", default=None, help="run folder (default runs/<profile>)")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    a = ap.parse_args(argv)
+    cfg = config.load_profile(a.profile)
+    # under accelerate launch the profile's threads are shared by the processes on this machine
+    config.set_threads(finetune.thread_share(cfg, os.environ.get("LOCAL_WORLD_SIZE", 1)))
+    run = config.run_dir(cfg, a.out).resolve()   # as skinlib.run gives it to the notebook
+    acc = study.accelerator()
+    frames = stage_predictions(cfg, run, accelerator=acc, progress=not a.quiet)
+    for name, f in frames.items():   # every process says what it did: how the work was split
+        print(f"predict {name}: process {acc.process_index} of {acc.num_processes} computed shards "
+              f"{f.attrs['computed']}; {len(f):,} rows in {config.shown(config.reply_shards_dir(run, name), run)}",
+              flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(main())

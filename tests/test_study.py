@@ -155,3 +155,122 @@ def test_hierarchical_reads_the_stored_candidates_of_a_stored_extraction(tmp_pat
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=str(key))
     assert cost.set_index("method").loc["hierarchical", "candidates_embedded"] > 0
+
+
+# ------------------------------------------------- the long stages across processes, resumed, cached
+@pytest.fixture(scope="module")
+def mini_run(tmp_path_factory, phantom_release):
+    """A run folder as stage 02 leaves it, at a tiny size: a 12-image phantom, its split, training
+    tuples asking all 16 attributes (so every answer shape is known), the tiny base model, and
+    that model saved as the fine-tuned one; with a profile (`mini.yaml`) for it."""
+    import torch
+    import yaml
+
+    from skinlib import config, finetune, model as mdl, split, tuples
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("mini")
+    run = (root / "run").resolve()
+    release = phantom_release(config.phantom_dir(run), 12, seed=3)
+    split.save_manifest(split.build_manifest(release.attribute_frame(), test_fraction=0.5, seed=0),
+                        config.manifest_path(run))
+    finetune.save_tuples(tuples.sample_tuples(release.attribute_frame(), w=16, seed=0), config.tuples_path(run), "t")
+    profile = root / "mini.yaml"
+    profile.write_text(yaml.safe_dump({
+        "name": "mini", "inherit": "smoke",
+        "predict": {"n_images": None, "batch_size": 16, "beam": 5},
+        "embed": {"n_queries": None, "shard_size": 2, "batch_size": 2, "multi": ["areaMM2", "Bext"]}}))
+    cfg = config.load_profile(profile)
+    base = finetune.base_model(cfg, run)
+    loaded = mdl.load(base)
+    mdl.save_finetuned(loaded.model, loaded.tokenizer, loaded.image_processor, config.finetuned_dir(run),
+                       base=base, method="full")
+    return run, profile, cfg
+
+
+def _launch(processes: int, target: list[str]):
+    import os
+    import subprocess
+
+    from skinlib import finetune
+
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(finetune.launch_command(processes, target), env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    return done.stdout
+
+
+def sharded_readings(run, out, accelerator=None) -> dict:
+    """Greedy (format-constrained) and median readings of the run's test images in shards of one
+    image: the calls the launched processes make, and the single process repeats."""
+    import pandas as pd
+
+    from skinlib import answer_format, config, model as mdl, predict, qa, slice3d, split
+
+    device = accelerator.device if accelerator is not None else "cpu"
+    loaded = mdl.load_finetuned(config.finetuned_dir(run), device=device)
+    release = slice3d.Slice3D(*config.release_files(config.load_profile("smoke"), run))   # the run's phantom
+    manifest = split.load_manifest(config.manifest_path(run))
+    test = manifest[manifest.split == "test"]
+    shapes = answer_format.shapes(pd.read_parquet(config.tuples_path(run)))
+    args = (loaded.model, loaded.tokenizer, loaded.image_processor,
+            qa.ImageCache(release, loaded.image_processor, keep=False), test)
+    kw = dict(shard_images=1, key="mini", progress=False, batch_size=8, shapes=shapes, accelerator=accelerator)
+    return {"greedy": predict.predict_sharded(*args, out / "greedy", **kw),
+            "median": predict.predict_sharded(*args, out / "median", reading="median", beam=5, **kw)}
+
+
+def test_two_launched_processes_predict_what_one_does_and_an_interrupted_run_redoes_only_its_shards(
+        mini_run, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on CPU: each process computes its own
+    prediction shards (both readings), the merged tables equal one process's row for row; then one
+    shard missing and one altered are redone, and only they, by a later single-process call."""
+    import json
+    from pathlib import Path
+
+    import pandas as pd
+
+    from skinlib import resumable
+
+    run, _, _ = mini_run
+    script = tmp_path / "predict_both.py"
+    script.write_text(
+        "import json, sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from pathlib import Path\n"
+        "from skinlib import study\n"
+        "from test_study import sharded_readings\n"
+        "acc = study.accelerator()\n"
+        "got = sharded_readings(Path(sys.argv[1]), Path(sys.argv[2]), acc)\n"
+        "print('RESULT ' + json.dumps({'index': acc.process_index, 'of': acc.num_processes,\n"
+        "                              **{k: f.attrs['computed'] for k, f in got.items()}}), flush=True)\n")
+    out = _launch(2, [str(script), str(run), str(tmp_path / "two")])
+    said = [json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")]
+    one = sharded_readings(run, tmp_path / "one")
+    n = len(one["greedy"].isic_id.unique())
+    assert n >= 4 and sorted(s["index"] for s in said) == [0, 1] and all(s["of"] == 2 for s in said), said
+    for reading in ("greedy", "median"):
+        split_ = [s[reading] for s in sorted(said, key=lambda s: s["index"])]
+        assert split_ == [list(range(0, n, 2)), list(range(1, n, 2))], said   # disjoint, every shard once
+    assert one["greedy"].attrs["computed"] == list(range(n))
+
+    folder = tmp_path / "two" / "greedy"
+    shards = sorted(folder.glob("shard-*.csv"))
+    merged = sharded_readings(run, tmp_path / "two")   # one process finds every shard finished
+    assert merged["greedy"].attrs["computed"] == [] and merged["median"].attrs["computed"] == []
+    for reading in ("greedy", "median"):
+        pd.testing.assert_frame_equal(merged[reading], one[reading])   # row for row, exactly
+    assert len(merged["median"]) == len(one["greedy"]) and set(merged["median"].columns) >= {"in_shape", "unresolved"}
+
+    resumable.remove(shards[0])   # interrupted before shard 0 was written
+    text = shards[2].read_text()   # and shard 2 altered: one digit of its data changed
+    i = next(j for j in range(text.index("\n") + 1, len(text)) if text[j].isdigit())
+    shards[2].write_text(text[:i] + str((int(text[i]) + 1) % 10) + text[i + 1:])
+    before = {p.name: p.stat().st_mtime_ns for p in shards if p.exists()}
+    again = sharded_readings(run, tmp_path / "two")
+    assert again["greedy"].attrs["computed"] == [0, 2] and again["median"].attrs["computed"] == []
+    after = {p.name: p.stat().st_mtime_ns for p in shards}
+    assert [p.name for p in shards if after[p.name] != before.get(p.name)] == [shards[0].name, shards[2].name]
+    assert all(resumable.check(p) is None for p in shards)
+    pd.testing.assert_frame_equal(again["greedy"], one["greedy"])
