@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import attributes, config, embed, evaluate, malignancy, retrieval, split, study
+from skinlib import attributes, config, embed, evaluate, malignancy, retrieval, split, study
 
 METHODS = ("image_text", "hierarchical", "image", "image_untuned", "baseline_encoder", "multi_attribute")
 # Methods whose ranking does not depend on the attribute asked (only values and percentiles do).
@@ -71,7 +71,7 @@ def read_upload(entry: dict):
 
 class Explorer:
     def __init__(self, cfg: dict, run, device=None, probe_path=None):
-        from . import model as models, qa, slice3d
+        from skinlib import model as models, qa, slice3d
 
         self.cfg, self.run = cfg, run
         manifest = split.load_manifest(config.manifest_path(run))
@@ -94,7 +94,7 @@ class Explorer:
         # the profile constrains decoding
         self.shapes = None
         if cfg.get("predict", {}).get("constrain"):
-            from . import answer_format
+            from skinlib import answer_format
             self.shapes = answer_format.shapes(pd.read_parquet(config.tuples_path(run)))
         self.names = list(attributes.NAMES)
         self._qpos = {i: n for n, i in enumerate(self.q_ids)}
@@ -165,7 +165,7 @@ class Explorer:
     @cached_property
     def untuned(self):
         """Method (d)'s model, the base model before fine-tuning (loaded on the first upload)."""
-        from . import finetune, model as models
+        from skinlib import finetune, model as models
         m = self.cfg["model"]
         return models.load(finetune.base_model(self.cfg, self.run), min_pixels=m["min_pixels"],
                            max_pixels=m["max_pixels"])
@@ -243,7 +243,7 @@ class Explorer:
         """The fine-tuned model's greedy replies, one per (query, attribute) row (a query is an id or
         an image), held to each attribute's answer shape when the profile constrains decoding (as
         chapter 3 asks). Each query image is read and encoded once for all its rows."""
-        from .predict import generate, max_answer_tokens
+        from skinlib.predict import generate, max_answer_tokens
         t = self.tuned
         if self.shapes is not None:
             missing = sorted({a for _, a in rows} - set(self.shapes))
