@@ -303,11 +303,14 @@ def _spans(spec: dict) -> list[int]:
 
 def extract(model, tokenizer, image_processor, images: Mapping | Callable, ids: Sequence[str], out_dir,
             names=None, kinds: Sequence[str] = KINDS, shard_size: int = 256, batch_size: int = 8,
-            model_key: str = "", accelerator=None, progress: bool = True) -> Path:
+            model_key: str = "", accelerator=None, progress: bool = True,
+            questions: Mapping[str, str] | None = None) -> Path:
     """Embed `ids` into `out_dir` in shards of `shard_size` images; resumable; bounded memory.
 
     images: isic_id -> image (PIL, array or EncodedImage): a mapping (e.g. `qa.ImageCache`) or a
         callable. kinds: "image" (h_im, (n, d)) and/or "image_text" (h_im,a, (n, Q, d), Q = len(names)).
+    questions: other questions than the attributes' ({label: question}, e.g. method (f)'s one
+        multi-attribute question); their labels stand where `names` would (`StoredEmbeddings.names`).
     Each shard is one safetensors file, float16 arrays keyed by kind, with the shard's ids and the
     job id in its header, written under `resumable.partial_path` and committed with its seal (job,
     bytes, sha256, rows). The job (hash of ids, names + their questions, kinds, shard size,
@@ -330,8 +333,14 @@ def extract(model, tokenizer, image_processor, images: Mapping | Callable, ids: 
         raise ValueError(f"kinds {kinds!r}: choose one or both of {KINDS}")
     if shard_size < 1 or batch_size < 1:
         raise ValueError(f"shard_size ({shard_size}) and batch_size ({batch_size}) must be >= 1")
-    atts = [a.name for a in attributes.resolve(names)]
-    qs = attribute_questions(atts) if "image_text" in kinds else []
+    if questions is not None:
+        if names is not None or "image_text" not in kinds or not questions:
+            raise ValueError("extract: `questions` (label -> question) replaces `names`, needs kind 'image_text' "
+                             "and at least one question")
+        atts, qs = [str(k) for k in questions], [str(v) for v in questions.values()]
+    else:
+        atts = [a.name for a in attributes.resolve(names)]
+        qs = attribute_questions(atts) if "image_text" in kinds else []
     out = Path(out_dir)
     n_shards = -(-len(ids) // shard_size)
     spec = {"format": FORMAT, "ids": hashlib.sha256("\n".join(ids).encode()).hexdigest(), "n_ids": len(ids),

@@ -23,6 +23,7 @@ from . import attributes, config, embed, evaluate, resumable, retrieval
 
 PAPER_METHODS = ("image_text", "hierarchical", "image", "image_untuned", "baseline_encoder")
 EXTRA_METHODS = ("multi_attribute", "image_text_sq8")
+MULTI = "multi"   # the label of method (f)'s one question in its extraction
 LABELS = {
     "image_text": "(a) image+text",
     "hierarchical": "(b) hierarchical",
@@ -209,7 +210,8 @@ def stored_vectors(run) -> tuple[list[str], list[str], dict]:
            "db_untuned": untuned_db.read("image"), "q_untuned": untuned_q.read("image"),
            "db_encoder": load_array(run, "encoder_db", np.float16),
            "q_encoder": load_array(run, "encoder_queries", np.float16),
-           "db_multi": load_array(run, "multi_db", np.float16), "q_multi": load_array(run, "multi_queries", np.float16)}
+           "db_multi": load_array(run, "multi_db", np.float16, ids=tuned_db.ids),
+           "q_multi": load_array(run, "multi_queries", np.float16, ids=tuned_q.ids)}
     return list(tuned_db.ids), list(tuned_q.ids), vec
 
 
@@ -227,11 +229,10 @@ def accelerator():
 def extract_all(cfg: dict, run, db_ids, q_ids, accelerator=None, progress: bool = True) -> dict:
     """Every vector the retrieval study needs, written under 04_embed/embeddings/: the fine-tuned
     model's h_im and 16 h_im,a (database and queries), the untuned model's h_im, and the
-    multi-attribute question's vector (f). Sharded extractions resume; returns seconds per part.
-
-    Under `accelerate launch -m skinlib.study` each process writes its own shards (the small
-    multi-attribute arrays are left to the notebook, which runs on one process). An extraction
-    this call found finished (no shard written) has NaN seconds."""
+    multi-attribute question's vector (f). Each is a sharded `embed.extract` job: resumed where it
+    stopped, found finished on a later run (a second run of stage 04 reads the stored vectors),
+    and under `accelerate launch -m skinlib.study` split across the processes, each writing its own
+    shards. Returns seconds per extraction; one this call found finished (no shard written) has NaN."""
     from . import finetune, model as models, qa, slice3d
 
     e = cfg["embed"]
@@ -240,27 +241,25 @@ def extract_all(cfg: dict, run, db_ids, q_ids, accelerator=None, progress: bool 
     tuned = models.load_finetuned(config.finetuned_dir(run), device=device)
     untuned = models.load(finetune.base_model(cfg, run), device=device, min_pixels=cfg["model"]["min_pixels"],
                           max_pixels=cfg["model"]["max_pixels"])
+    multi = {MULTI: embed.multi_question(e["multi"])}
+    jobs = (("tuned", tuned, ("image", "image_text"), None), ("untuned", untuned, ("image",), None),
+            ("multi", tuned, ("image_text",), multi))
     timings = {}
-    for tag, loaded, kinds in (("tuned", tuned, ("image", "image_text")), ("untuned", untuned, ("image",))):
+    for tag, loaded, kinds, questions in jobs:
         for part, ids in (("db", db_ids), ("queries", q_ids)):
             t0, wall0 = time.perf_counter(), time.time()
             folder = embed.extract(loaded.model, loaded.tokenizer, loaded.image_processor,
                                    qa.ImageCache(release, loaded.image_processor, keep=False), list(ids),
                                    config.embeddings_dir(run, f"{tag}_{part}"), kinds=kinds,
-                                   shard_size=e["shard_size"], batch_size=e["batch_size"], model_key=tag,
-                                   accelerator=accelerator, progress=progress)
+                                   shard_size=e["shard_size"], batch_size=e["batch_size"],
+                                   model_key="tuned" if loaded is tuned else tag, accelerator=accelerator,
+                                   progress=progress, questions=questions)
+            if questions is not None and (accelerator is None or accelerator.is_main_process):
+                resumable.remove(folder.with_suffix(".npy"))   # the whole array an earlier layout kept
             # a job found finished (e.g. by `accelerate launch -m skinlib.study`) took no time here;
             # NaN, not ~0 s, so that a timing table does not read it as the cost of the work
             fresh = any(f.stat().st_mtime >= wall0 for f in Path(folder).glob(embed.SHARDS))
             timings[f"{tag}_{part}"] = time.perf_counter() - t0 if fresh else float("nan")
-    if accelerator is None or accelerator.num_processes == 1:
-        question = embed.multi_question(e["multi"])
-        images = qa.ImageCache(release, tuned.image_processor, keep=False)
-        for part, ids in (("db", db_ids), ("queries", q_ids)):
-            t0 = time.perf_counter()
-            save_array(run, f"multi_{part}", embed_question(tuned, images, list(ids), question,
-                                                            batch_size=e["batch_size"]))
-            timings[f"multi_{part}"] = time.perf_counter() - t0
     return timings
 
 
@@ -286,20 +285,6 @@ def main(argv=None) -> int:
     return 0
 
 
-def embed_question(loaded, images, ids, question: str, batch_size: int = 8, chunk: int = 256) -> np.ndarray:
-    """h at the final token of [image, question] for every id (one question, e.g. method f)."""
-    from tqdm.auto import tqdm
-
-    prompts = embed.Prompts(loaded.tokenizer, loaded.image_processor, [question])
-    out = []
-    for s in tqdm(range(0, len(ids), chunk), desc="embed", unit="chunk"):
-        got = embed.embed(loaded.model, loaded.tokenizer, loaded.image_processor,
-                          [images[i] for i in ids[s:s + chunk]], [question], image=False,
-                          batch_size=batch_size, prompts=prompts)
-        out.append(got["image_text"][:, 0].numpy())
-    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
-
-
 def save_array(run, name: str, array: np.ndarray) -> Path:
     """One small array of vectors (float16 .npy, no pickle) next to the extracted shards, written
     whole and sealed (`resumable.commit`: bytes, sha256, rows) as job `name`."""
@@ -311,10 +296,20 @@ def save_array(run, name: str, array: np.ndarray) -> Path:
     return resumable.commit(path, name, rows=len(array))
 
 
-def load_array(run, name: str, dtype=np.float32) -> np.ndarray:
-    """An array `save_array` wrote (stored float16), as `dtype`; a missing, cut, altered or
-    unsealed one is refused, named."""
-    path = resumable.verified(config.embeddings_dir(run, name).with_suffix(".npy"), name)
+def load_array(run, name: str, dtype=np.float32, ids=None) -> np.ndarray:
+    """The vectors stored as `name`, one row per image, as `dtype`: an `embed.extract` job of one
+    question (method f's multi_db / multi_queries, sharded) where that folder exists, else an array
+    `save_array` wrote (the encoders'). Missing, cut, altered or unsealed files are refused, named.
+    ids: the images the rows must be (checked where the store names them: an extraction)."""
+    folder = config.embeddings_dir(run, name)
+    if (folder / embed.STAMP).exists():
+        stored = embed.open_embeddings(folder)
+        if len(stored.names) != 1:
+            raise ValueError(f"{folder}: {len(stored.names)} questions stored; one expected for {name!r}")
+        if ids is not None and list(stored.ids) != [str(i) for i in ids]:
+            raise ValueError(f"{folder}: holds other images than the database/queries; rerun 04_embed")
+        return stored.attribute(0, dtype=dtype)
+    path = resumable.verified(folder.with_suffix(".npy"), name)
     return np.load(path, allow_pickle=False).astype(dtype, copy=False)
 
 

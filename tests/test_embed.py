@@ -211,3 +211,23 @@ def test_processes_split_the_shards(tiny, images, reference, tmp_path):
     assert got_ids == ids
     for kind in E.KINDS:
         np.testing.assert_array_equal(got[kind], ref[kind])
+
+
+def test_a_free_question_is_extracted_as_its_own_job_and_found_finished_again(tiny, images, tmp_path):
+    """Method (f)'s one multi-attribute question as an `extract` job: its vectors are `embed`'s for
+    that question, labelled by the given name; a rerun reads no image; names and questions clash."""
+    q = E.multi_question(["areaMM2", "Bext"])
+    _run(tiny, images, tmp_path, kinds=("image_text",), questions={"multi": q})
+    stored = E.open_embeddings(tmp_path)
+    assert stored.names == ["multi"] and stored.ids == list(images)
+    direct = E.embed(tiny.model, tiny.tokenizer, tiny.image_processor, list(images.values()), [q], image=False)
+    np.testing.assert_allclose(stored.attribute(0, dtype=np.float32), direct["image_text"][:, 0].numpy(),
+                               rtol=1e-3, atol=1e-3)
+    assert _run(tiny, images, tmp_path, kinds=("image_text",), questions={"multi": q}).read == []
+    # another question is another job
+    assert _run(tiny, images, tmp_path, kinds=("image_text",), questions={"multi": q + " "}).read == list(images)
+    for bad in (dict(names=["areaMM2"], kinds=("image_text",), questions={"multi": q}),   # both
+                dict(kinds=("image",), questions={"multi": q}),   # no vectors of the question asked for
+                dict(kinds=("image_text",), questions={})):       # no question
+        with pytest.raises(ValueError, match="replaces `names`"):
+            _run(tiny, images, tmp_path / "bad", **bad)

@@ -274,3 +274,38 @@ def test_two_launched_processes_predict_what_one_does_and_an_interrupted_run_red
     assert [p.name for p in shards if after[p.name] != before.get(p.name)] == [shards[0].name, shards[2].name]
     assert all(resumable.check(p) is None for p in shards)
     pd.testing.assert_frame_equal(again["greedy"], one["greedy"])
+
+
+def test_the_launched_stages_leave_what_the_notebooks_then_only_read(mini_run):
+    """`accelerate launch -m skinlib.predict` and `-m skinlib.study` (2 CPU processes) on a run:
+    afterwards chapter 3's predictions and every vector of chapter 4, method (f)'s included, are
+    found finished by the calls the notebooks make (nothing recomputed: a second run of stage 04
+    reads method (f)'s stored vectors), and (f)'s vectors are the model's for that question."""
+    import numpy as np
+
+    from skinlib import config, embed, model as mdl, predict, slice3d, split
+
+    run, profile, cfg = mini_run
+    said = _launch(2, ["-m", "skinlib.predict", "--profile", str(profile), "--out", str(run), "--quiet"])
+    for reading in ("greedy", "median"):   # one shard of 250 images: process 0 takes it
+        assert f"predict {reading}: process 0 of 2 computed shards [0]" in said, said
+        assert f"predict {reading}: process 1 of 2 computed shards []" in said, said
+    frames = predict.stage_predictions(cfg, run, progress=False)
+    assert all(f.attrs["computed"] == [] for f in frames.values())
+    assert list(frames) == ["greedy", "median"] and len(frames["greedy"]) == len(frames["median"]) > 0
+
+    _launch(2, ["-m", "skinlib.study", "--profile", str(profile), "--out", str(run)])
+    manifest = split.load_manifest(config.manifest_path(run))
+    db, q = manifest[manifest.split == "train"], manifest[manifest.split == "test"]
+    timings = study.extract_all(cfg, run, list(db.isic_id), list(q.isic_id), progress=False)
+    assert set(timings) == {f"{t}_{p}" for t in ("tuned", "untuned", "multi") for p in ("db", "queries")}
+    assert all(np.isnan(v) for v in timings.values()), timings   # every extraction found finished
+    tuned = mdl.load_finetuned(config.finetuned_dir(run))
+    release = slice3d.Slice3D(*config.release_files(cfg, run))
+    question = embed.multi_question(cfg["embed"]["multi"])
+    direct = embed.embed(tuned.model, tuned.tokenizer, tuned.image_processor, [release.image(i) for i in q.isic_id],
+                         [question], image=False)
+    stored = study.load_array(run, "multi_queries", ids=q.isic_id)
+    np.testing.assert_allclose(stored, direct["image_text"][:, 0].numpy(), rtol=1e-3, atol=1e-3)  # float16
+    with pytest.raises(ValueError, match="other images"):
+        study.load_array(run, "multi_db", ids=q.isic_id)
