@@ -10,6 +10,7 @@ import pytest
 from scipy import special
 
 from skinlib import attributes, malignancy, measure, metrics, phantom, slice3d
+from skinlib.phantom import shape, streams
 
 REAL_5K = "isic2024-metadata-sample5k.csv"
 
@@ -143,9 +144,9 @@ def test_target_has_its_own_random_stream():
     targets = set()
     for i in range(0, 40, 4):
         les, pat = phantom._draw_image(0, i, pidx[i]), phantom.make_patient(0, int(pidx[i]))
-        a = phantom.metadata_row("PH_x", les, pat, phantom._rng(0, 4, i), phantom._rng(0, 5, i))
+        a = phantom.metadata_row("PH_x", les, pat, streams._rng(0, 4, i), streams._rng(0, 5, i))
         for k in range(20):
-            b = phantom.metadata_row("PH_x", les, pat, phantom._rng(0, 4, i), phantom._rng(99, k, i))
+            b = phantom.metadata_row("PH_x", les, pat, streams._rng(0, 4, i), streams._rng(99, k, i))
             assert {c for c in a if not (a[c] == b[c] or (a[c] is None and b[c] is None))} <= diag
             targets.add(b["target"])
     assert targets == {0, 1}
@@ -167,11 +168,11 @@ def test_fast_shape_measures_what_skinlib_measure_does():
     """The shape solver's fused measurements agree with skinlib.measure on drawn contours."""
     rng = np.random.default_rng(4)
     for k in range(20):
-        lobes, jag, psi = phantom._shape_basis(rng, int(rng.integers(8, 41)))
-        r = phantom._unit_radius(rng.uniform(0.2, 1.0), rng.uniform(0, 0.5), rng.uniform(0, 3), psi, lobes, jag)
+        lobes, jag, psi = shape._shape_basis(rng, int(rng.integers(8, 41)))
+        r = shape._unit_radius(rng.uniform(0.2, 1.0), rng.uniform(0, 0.5), rng.uniform(0, 3), psi, lobes, jag)
         r = r * rng.uniform(0.5, 4.0)
-        att = measure.shape_attributes(np.column_stack([r * phantom._COS, r * phantom._SIN]))
-        area, mu, apr, nb = phantom._fast_shape(r)
+        att = measure.shape_attributes(np.column_stack([r * shape._COS, r * shape._SIN]))
+        area, mu, apr, nb = shape._fast_shape(r)
         assert area == pytest.approx(att["areaMM2"], rel=1e-9)
         assert mu == pytest.approx(att["minorAxisMM"] ** 2 / att["areaMM2"], rel=1e-9)
         assert apr == pytest.approx(att["area_perim_ratio"], rel=1e-9)
