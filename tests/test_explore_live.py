@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 import nbformat
 import pytest
 
-from skinlib import config, explore
+from skinlib import config, explore, study
 from test_browser import FLAGS, chromium  # noqa: F401 (chromium: the fixture that finds or installs it)
 
 REPO = config.REPO_ROOT
@@ -149,7 +149,7 @@ def test_jupyterlab_opens_the_readmes_page_runs_all_and_the_controls_answer(lab,
 
             q = dropdown("query").input_value()
             assert shown() == ("image_text", list(ex.search(q, "image_text", "areaMM2", 5).isic_id))
-            dropdown("method").select_option(label=explore.study.LABELS["image"])
+            dropdown("method").select_option(label=study.LABELS["image"])
             expect(pick).to_have_attribute("data-method", "image", timeout=30_000)
             assert shown()[1] == list(ex.search(q, "image", "areaMM2", 5).isic_id)
             # a file that is no image: a message, not a traceback, and the controls keep answering
