@@ -1,7 +1,12 @@
-"""Figures shared by the notebooks: image grids and attribute distributions."""
+"""Every figure of the book: image grids, distributions, R², embeddings, retrieval, benchmarks.
+
+Figures are drawn at the width of the book's text column (PAGE_WIDTH at the notebooks' 100 dpi),
+so the page shows them near their own size and their labels stay readable.
+"""
 from __future__ import annotations
 
 import math
+import textwrap
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -10,9 +15,14 @@ import seaborn as sns
 
 from . import attributes
 
+PAGE_WIDTH = 8.0  # inches: the book's text column is about 800 px wide
 
-def image_grid(images, captions=None, ncols: int = 8, size: float = 1.6, title: str | None = None):
-    """Images (PIL or arrays) in a grid, each with an optional caption; returns the figure."""
+
+def image_grid(images, captions=None, ncols: int = 4, size: float | None = None,
+               title: str | None = None):
+    """Images (PIL or arrays) in a grid, each with an optional caption; returns the figure.
+    Each image is `size` inches wide (default: the grid fills the page width), its caption
+    above it in 9 pt, or 8 pt where the images are narrower than 1.8 in."""
     images = list(images)
     if not images:
         raise ValueError("image_grid: no images")
@@ -21,20 +31,24 @@ def image_grid(images, captions=None, ncols: int = 8, size: float = 1.6, title: 
         raise ValueError(f"image_grid: {len(images)} images but {len(captions)} captions")
     ncols = min(ncols, len(images))
     nrows = math.ceil(len(images) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, size * nrows * 1.2), squeeze=False)
+    size = size or PAGE_WIDTH / ncols
+    fontsize = 9 if size >= 1.8 else 8
+    lines = max((c.count("\n") + 1 for c in captions if c), default=0)
+    row = size + lines * fontsize / 60 + 0.1   # the image, its caption lines, a gap
+    fig, axes = plt.subplots(nrows, ncols, figsize=(size * ncols, row * nrows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, im, cap in zip(axes.flat, images, captions):
         ax.imshow(np.asarray(im))
-        ax.set_title(cap, fontsize=7)
+        ax.set_title(cap, fontsize=fontsize)
     if title:
         fig.suptitle(title)
     fig.tight_layout()
     return fig
 
 
-def attribute_distributions(frames: dict[str, pd.DataFrame], names=None, ks: pd.DataFrame | None = None,
-                            ncols: int = 4):
+def attribute_distributions(frames: dict[str, pd.DataFrame], names=None,
+                            ks: pd.DataFrame | None = None, ncols: int = 4):
     """One panel per attribute, a density per labelled frame (frames keyed by short names).
     Heavy-tailed size attributes are drawn on a log axis. `ks` (from metrics.ks_by_attribute)
     adds the statistic to each title."""
@@ -42,19 +56,27 @@ def attribute_distributions(frames: dict[str, pd.DataFrame], names=None, ks: pd.
     long = pd.concat([f[[a.name for a in atts]].assign(source=label) for label, f in frames.items()],
                      ignore_index=True)
     nrows = math.ceil(len(atts) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 2.4 * nrows), squeeze=False)
+    w = PAGE_WIDTH / ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(w * ncols, 0.8 * w * nrows), squeeze=False)
     ksd = dict(zip(ks["attribute"], ks["ks"])) if ks is not None else {}
     for ax in axes.flat[len(atts):]:
         ax.axis("off")
     for i, (ax, att) in enumerate(zip(axes.flat, atts)):
         log = att.name in ("areaMM2", "perimeterMM", "minorAxisMM", "clin_size_long_diam_mm")
-        sns.histplot(long, x=att.name, hue="source", stat="density", common_norm=False, element="step",
-                     fill=False, bins=40, log_scale=log, ax=ax, legend=(i == 0))
+        sns.histplot(long, x=att.name, hue="source", stat="density", common_norm=False,
+                     element="step", fill=False, bins=40, log_scale=log, ax=ax, legend=False)
         t = att.name + (f"  (KS {ksd[att.name]:.2f})" if att.name in ksd else "")
-        ax.set_title(t, fontsize=9)
-        ax.set_xlabel(att.unit, fontsize=8)
+        ax.set_title(t, fontsize=8)
+        ax.set_xlabel(att.unit, fontsize=7)
         ax.set_ylabel("")
-    fig.tight_layout()
+        ax.tick_params(labelsize=6)
+        ax.xaxis.set_minor_formatter(plt.NullFormatter())   # log axes: decades only
+    # one legend for every panel, above them (seaborn's colours follow the frames' order)
+    colors = sns.color_palette(n_colors=len(frames))
+    handles = [plt.Line2D([], [], color=c) for c in colors]
+    fig.legend(handles, list(frames), loc="upper center", ncol=len(frames), frameon=False,
+               fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / (0.8 * w * nrows)))
     return fig
 
 
@@ -64,50 +86,28 @@ def _smooth(s: pd.Series, window: int) -> pd.Series:
 
 def training_curves(hist: pd.DataFrame, window: int = 50):
     """Loss (raw and smoothed), learning rate and throughput against the optimizer step."""
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.4))
+    fig, axes = plt.subplots(1, 3, figsize=(PAGE_WIDTH, 2.8))
     ax = axes[0]
     ax.plot(hist.step, hist.loss, color="0.8", lw=0.6, label="per step")
     ax.plot(hist.step, _smooth(hist.loss, window), color="C0", label=f"mean of {window}")
     ax.set(xlabel="step", ylabel="loss (answer tokens)", yscale="log", title="loss")
-    ax.legend(frameon=False)
+    ax.legend(frameon=False, fontsize=8)
     axes[1].plot(hist.step, hist.lr, color="C1")
     axes[1].set(xlabel="step", ylabel="learning rate", title="cosine schedule")
     axes[2].plot(hist.step, hist.tuples_per_s, color="C2")
-    axes[2].set(xlabel="step", ylabel="tuples / s (running mean)", title="throughput", ylim=(0, None))
+    axes[2].set(xlabel="step", ylabel="tuples / s (running mean)", title="throughput",
+                ylim=(0, None))
     fig.tight_layout()
     return fig
 
 
 def method_comparison(curves: pd.DataFrame, window: int = 10):
     """Smoothed loss per step for each fine-tuning method (frame with step, loss, method)."""
-    fig, ax = plt.subplots(figsize=(6, 3.4))
+    fig, ax = plt.subplots(figsize=(0.7 * PAGE_WIDTH, 3.4))
     for i, (m, g) in enumerate(curves.groupby("method", sort=False)):
         ax.plot(g.step, _smooth(g.loss, window), color=f"C{i}", label=m)
     ax.set(xlabel="step", ylabel="loss (answer tokens)", title="random-init tiny model: full vs LoRA")
     ax.legend(frameon=False)
-    fig.tight_layout()
-    return fig
-
-
-def r2_bars(r2: pd.DataFrame, paper_range: tuple[float, float] | None = (0.71, 0.96)):
-    """Fig. 2: R² per attribute as bars (registry order), the paper's range shaded for reference.
-    Bars below the axis floor (R² can be very negative) are cut and labelled with their value."""
-    floor = -0.2
-    fig, ax = plt.subplots(figsize=(11, 3.8))
-    if paper_range:
-        ax.axhspan(*paper_range, color="0.88", zorder=0, label=f"paper: {paper_range[0]}–{paper_range[1]}")
-    vals = r2.r2.clip(lower=floor).fillna(floor)  # NaN: no reply of that attribute was a number
-    sns.barplot(x=r2.attribute, y=vals, ax=ax, color="C0", zorder=2, label="this run")
-    for i, v in enumerate(r2.r2):
-        label = "n/a" if np.isnan(v) else f"{v:.2f}"
-        ax.text(i, floor + 0.01 if np.isnan(v) else max(v, floor) + 0.01, label, ha="center", va="bottom",
-                fontsize=7, zorder=3)
-    ax.axhline(0, color="0.3", lw=0.6)
-    ax.set(ylim=(floor, 1.05), xlabel="", ylabel="R² (test images)")
-    ax.tick_params(axis="x", rotation=60, labelsize=8)
-    for t in ax.get_xticklabels():
-        t.set_ha("right")
-    ax.legend(frameon=False, loc="lower right", fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -134,7 +134,7 @@ def readout_vs_answers(table: pd.DataFrame, labels: dict | None = None, floor: f
     labels = labels or {}
     kinds = list(dict.fromkeys(table.kind))
     order = [n for n in attributes.NAMES if n in set(table.attribute)]
-    fig, ax = plt.subplots(figsize=(11, 3.8))
+    fig, ax = plt.subplots(figsize=(PAGE_WIDTH, 3.4))
     width = 0.8 / len(kinds)
     for k, kind in enumerate(kinds):
         v = table[table.kind == kind].set_index("attribute").r2.reindex(order)
@@ -154,7 +154,7 @@ def r2_parts(parts: pd.DataFrame, floor: float = -0.5):
     order = [n for n in attributes.NAMES if n in set(parts.attribute)]
     t = parts.set_index("attribute").reindex(order)
     x = np.arange(len(order))
-    fig, ax = plt.subplots(figsize=(11, 3.8))
+    fig, ax = plt.subplots(figsize=(PAGE_WIDTH, 3.4))
     r2 = t.r2.to_numpy(float)
     lo = np.maximum(r2, floor)
     ax.bar(x, np.maximum(r2, 0), color="C0", zorder=2, label="R² of the answers")
@@ -174,7 +174,8 @@ def predicted_vs_true(pred: pd.DataFrame, r2: pd.DataFrame | None = None, ncols:
     central range; replies outside it are drawn on the edge as triangles."""
     names = [n for n in attributes.NAMES if n in set(pred.attribute)]
     nrows = math.ceil(len(names) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.1 * ncols, 2.9 * nrows), squeeze=False)
+    w = PAGE_WIDTH / ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(w * ncols, 0.95 * w * nrows), squeeze=False)
     for ax in axes.flat[len(names):]:
         ax.axis("off")
     score = dict(zip(r2.attribute, r2.r2)) if r2 is not None else {}
@@ -191,7 +192,7 @@ def predicted_vs_true(pred: pd.DataFrame, r2: pd.DataFrame | None = None, ncols:
         ax.set(xlim=(lo, hi), ylim=(lo, hi))
         unit = attributes.get(name).unit
         ax.set_title(f"{name}" + (f" ({unit})" if unit else "") +
-                     (f"   R² {score[name]:.2f}" if name in score else ""), fontsize=9)
+                     (f"\nR² {score[name]:.2f}" if name in score else ""), fontsize=8)
         ax.tick_params(labelsize=7)
     fig.supxlabel("measured")
     fig.supylabel("model's reply")
@@ -205,7 +206,8 @@ def embedding_map(xy: np.ndarray, values: pd.DataFrame, names, ncols: int = 4):
     names = list(names)
     ncols = min(ncols, len(names))
     nrows = math.ceil(len(names) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.3 * ncols, 3.1 * nrows), squeeze=False)
+    w = PAGE_WIDTH / ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(w * ncols, 0.9 * w * nrows), squeeze=False)
     for ax in axes.flat[len(names):]:
         ax.axis("off")
     for ax, name in zip(axes.flat, names):
@@ -227,7 +229,9 @@ def percentile_boxes(long: pd.DataFrame, order, labels: dict | None = None, ncol
     """Fig. 4: per attribute, a box of the top-k percentile ranks for each method (lower is better)."""
     names = [n for n in attributes.NAMES if n in set(long.attribute)]
     nrows = math.ceil(len(names) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.4 * ncols, 2.8 * nrows), squeeze=False, sharey=True)
+    w = PAGE_WIDTH / ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(w * ncols, 0.85 * w * nrows), squeeze=False,
+                             sharey=True)
     for ax in axes.flat[len(names):]:
         ax.axis("off")
     order = [m for m in order if m in set(long.method)]
@@ -237,13 +241,16 @@ def percentile_boxes(long: pd.DataFrame, order, labels: dict | None = None, ncol
         sns.boxplot(data=g, x="method", y="percentile", hue="method", order=order, hue_order=order,
                     palette=palette, ax=ax, showfliers=False, width=0.7, legend=False)
         ax.axhline(50, color="0.5", ls="--", lw=0.7)
-        ax.set(title=name, xlabel="", ylabel="percentile" if ax in axes[:, 0] else "", ylim=(0, 100))
+        ax.set(xlabel="", ylabel="percentile" if ax in axes[:, 0] else "", ylim=(0, 100))
+        ax.set_title(name, fontsize=9)
         ax.set_xticks(range(len(order)))
         ax.set_xticklabels([""] * len(order))
     handles = [plt.Rectangle((0, 0), 1, 1, color=palette[m]) for m in order]
-    fig.legend(handles, [(labels or {}).get(m, m) for m in order], loc="lower center", ncol=len(order),
-               frameon=False, fontsize=9)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    ncol = min(len(order), 3)
+    fig.legend(handles, [(labels or {}).get(m, m) for m in order], loc="lower center", ncol=ncol,
+               frameon=False, fontsize=8)
+    rows = math.ceil(len(order) / ncol)
+    fig.tight_layout(rect=(0, 0.2 * rows / fig.get_figheight() + 0.01, 1, 1))
     return fig
 
 
@@ -254,7 +261,7 @@ def benchmark_ratios(bench: pd.DataFrame):
     latest = bench.groupby("benchmark", sort=False).tail(1).reset_index(drop=True)
     if latest.empty:
         raise ValueError("benchmark_ratios: no rows")
-    fig, ax = plt.subplots(figsize=(8, 0.42 * len(latest) + 1))
+    fig, ax = plt.subplots(figsize=(PAGE_WIDTH, 0.42 * len(latest) + 1))
     colors = ["C2" if r >= 1 else "C3" for r in latest.ratio]
     ax.barh(range(len(latest)), latest.ratio, color=colors)
     ax.set_yticks(range(len(latest)), [b if len(b) <= 70 else b[:67] + "..." for b in latest.benchmark],
@@ -279,7 +286,7 @@ def r2_readings(r2: pd.DataFrame, order=None, labels: dict | None = None, floor:
     the floor are cut and labelled; the legend sits above the axes, clear of the bars."""
     order = order or list(dict.fromkeys(r2.reading))
     names = [n for n in attributes.NAMES if n in set(r2.attribute)]
-    fig, ax = plt.subplots(figsize=(11, 4.2))
+    fig, ax = plt.subplots(figsize=(PAGE_WIDTH, 3.6))
     if paper_range:
         ax.axhspan(*paper_range, color="0.9", zorder=0, label=f"paper: {paper_range[0]}–{paper_range[1]}")
     width = 0.8 / len(order)
@@ -308,7 +315,7 @@ def ordering_differences(table: pd.DataFrame, labels: dict | None = None, margin
     Below zero: A retrieves closer values. The `within` comparison shades its ±margin band."""
     comps = list(dict.fromkeys(table.comparison))
     names = [n for n in attributes.NAMES if n in set(table.attribute)]
-    fig, axes = plt.subplots(1, len(comps), figsize=(3.1 * len(comps), 0.28 * len(names) + 1.6),
+    fig, axes = plt.subplots(1, len(comps), figsize=(PAGE_WIDTH, 0.28 * len(names) + 1.6),
                              sharey=True, squeeze=False)
     for ax, comp in zip(axes[0], comps):
         g = table[table.comparison == comp].set_index("attribute").reindex(names)
@@ -322,9 +329,12 @@ def ordering_differences(table: pd.DataFrame, labels: dict | None = None, margin
                 d = g.difference.to_numpy(float)[m]
                 ax.errorbar(d, y[m], xerr=[d - g.lo.to_numpy(float)[m], g.hi.to_numpy(float)[m] - d],
                             fmt="o", ms=3.5, color=color, elinewidth=1, capsize=1.5, label=verdict)
-        ax.set_title((labels or {}).get(comp, comp), fontsize=9)
-        ax.set_xlabel("difference of median percentiles", fontsize=8)
+        title = textwrap.fill((labels or {}).get(comp, comp), 22, break_long_words=False)
+        ax.set_title(title, fontsize=8)
+        ax.tick_params(axis="x", labelsize=7)
         ax.set_yticks(y, names, fontsize=8)
+    fig.supxlabel("difference of median percentiles (A − B; below 0: A retrieves closer values)",
+                  fontsize=8)
     axes[0, 0].invert_yaxis()   # registry order top to bottom (the y axis is shared)
     handles = [plt.Line2D([], [], marker="o", ls="", color=c) for c in VERDICT_COLORS.values()]
     fig.legend(handles, list(VERDICT_COLORS), loc="upper center", ncol=3, frameon=False, fontsize=8)

@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 
 from . import attributes, malignancy
+from .figures import PAGE_WIDTH
 
 
 def _check_scores(scores: pd.DataFrame) -> None:
@@ -25,7 +26,7 @@ def roc_curves(scores: pd.DataFrame, min_tpr: float = malignancy.MIN_TPR, table:
 
     _check_scores(scores)
     rows = table.set_index("features") if table is not None else None
-    fig, (ax, zoom) = plt.subplots(1, 2, figsize=(10, 4.4))
+    fig, (ax, zoom) = plt.subplots(1, 2, figsize=(PAGE_WIDTH, 3.9))
     ax.axhspan(min_tpr, 1, color="0.9", zorder=0)
     for ax_ in (ax, zoom):
         ax_.plot([0, 1], [0, 1], color="0.6", lw=0.8, ls=":")
@@ -41,12 +42,17 @@ def roc_curves(scores: pd.DataFrame, min_tpr: float = malignancy.MIN_TPR, table:
         ax.plot(fpr, tpr, color=color, lw=1.4, label=label)
         zoom.plot(fpr, tpr, color=color, lw=1.4)
         zoom.fill_between(fpr, min_tpr, np.maximum(tpr, min_tpr), color=color, alpha=0.12, step=None)
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01),
-           title=f"ROC (shaded: TPR ≥ {min_tpr:.0%}, the challenge's region)")
-    zoom.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(min_tpr, 1.005),
-             title=f"pAUC = area above TPR {min_tpr:.0%} (max {1 - min_tpr:.1f})")
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+    ax.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01))
+    ax.set_title(f"ROC (shaded: TPR ≥ {min_tpr:.0%}, the challenge's region)", fontsize=9)
+    zoom.set(xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1),
+             ylim=(min_tpr, 1.005))
+    zoom.set_title(f"pAUC = area above TPR {min_tpr:.0%} (max {1 - min_tpr:.1f})", fontsize=9)
+    # below both panels (inside, it would cover the curves): the panels are laid out first,
+    # above the room it takes
+    rows = -(-len(ax.get_legend_handles_labels()[1]) // 2)
+    fig.tight_layout(rect=(0, (0.16 * rows + 0.05) / fig.get_figheight(), 1, 1))
+    ax.legend(fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 0), ncol=2, frameon=False,
+              bbox_transform=fig.transFigure)
     return fig
 
 

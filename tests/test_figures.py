@@ -67,7 +67,9 @@ def test_ordering_figure_colours_each_attribute_by_its_verdict():
                       "difference": [-5.0, 1.0, 0.5, 3.0], "lo": [-7.0, -1.0, -1.0, 2.5],
                       "hi": [-3.0, 3.0, 1.5, 3.5], "verdict": ["holds", "not separable", "holds", "reversed"]})
     fig = figures.ordering_differences(t)
-    assert [ax.get_title() for ax in fig.axes] == ["image_text<image", "hierarchical~image_text"]
+    # titles wrap to fit the page: compare their words
+    titles = [" ".join(ax.get_title().split()) for ax in fig.axes]
+    assert titles == ["image_text<image", "hierarchical~image_text"]
     for ax, comp in zip(fig.axes, ["image_text<image", "hierarchical~image_text"]):
         g = t[t.comparison == comp]
         drawn = {}
@@ -76,3 +78,44 @@ def test_ordering_figure_colours_each_attribute_by_its_verdict():
                 drawn[int(y)] = (float(x), line.get_color())
         want = {i: (d, figures.VERDICT_COLORS[v]) for i, (d, v) in enumerate(zip(g.difference, g.verdict))}
         assert drawn == want
+
+
+def _inches(fig, artist):
+    """Where `artist` was drawn, in inches (draw the figure first)."""
+    return artist.get_window_extent().transformed(fig.dpi_scale_trans.inverted())
+
+
+def test_image_grids_fill_the_page_width_with_readable_captions():
+    import numpy as np
+    images = [np.zeros((120, 120, 3), np.uint8)] * 12
+    fig = figures.image_grid(images, [f"crop {i}\nsecond line" for i in range(12)], ncols=6)
+    assert fig.get_figwidth() == pytest.approx(figures.PAGE_WIDTH)
+    fig.canvas.draw()
+    axes = [ax for ax in fig.axes if ax.images]
+    assert len(axes) == 12
+    assert min(_inches(fig, ax).width for ax in axes) > 0.85 * figures.PAGE_WIDTH / 6
+    assert min(ax.title.get_fontsize() for ax in axes) >= 8
+    # the second row's captions do not run into the first row's images
+    first, second = axes[:6], axes[6:]
+    assert max(_inches(fig, ax.title).y1 for ax in second) < min(_inches(fig, ax).y0 for ax in first)
+    with pytest.raises(ValueError, match="12 images but 2 captions"):
+        figures.image_grid(images, ["a", "b"])
+
+
+def test_distribution_and_roc_legends_sit_outside_every_panel():
+    import numpy as np
+
+    from skinlib import attributes, malignancy, malignancy_figures
+    rng = np.random.default_rng(0)
+    frames = {k: pd.DataFrame({n: rng.normal(10, 2, 50) for n in attributes.NAMES}) for k in "abc"}
+    roc = pd.DataFrame({"features": np.repeat(["x", "y", "z"], 40),
+                        "isic_id": [str(i) for i in range(120)],
+                        "target": np.tile([0, 1], 60), "score": rng.normal(size=120)})
+    roc = roc.assign(**{c: 0 for c in malignancy.SCORE_COLUMNS if c not in roc})
+    for fig in (figures.attribute_distributions(frames), malignancy_figures.roc_curves(roc)):
+        legends = [*fig.legends, *(ax.get_legend() for ax in fig.axes if ax.get_legend())]
+        assert len(legends) == 1 and len(legends[0].get_texts()) == 3
+        fig.canvas.draw()
+        box = _inches(fig, legends[0])
+        for ax in fig.axes:
+            assert not box.overlaps(_inches(fig, ax)), ax.get_title()
