@@ -337,7 +337,7 @@ def stage_predictions(cfg: dict, run, accelerator=None, progress: bool = True) -
 
     `run` is taken as `skinlib.run` hands it to the notebook (resolved): the model's path is part
     of the job key."""
-    from . import answer_format as formats, config, model as models, qa, slice3d, split, study
+    from . import config, model as models, qa, slice3d, split, study
 
     pcfg = cfg["predict"]
     readings = list(dict.fromkeys(["greedy", *pcfg["readings"], pcfg["reading"]]))   # greedy is always read
@@ -348,7 +348,7 @@ def stage_predictions(cfg: dict, run, accelerator=None, progress: bool = True) -
     release = slice3d.Slice3D(*config.release_files(cfg, run), on_error=cfg["data"]["on_error"])
     images = qa.ImageCache(release, loaded.image_processor, keep=False)
     needs_shapes = pcfg["constrain"] or "median" in readings
-    shapes = formats.shapes(pd.read_parquet(config.tuples_path(run))) if needs_shapes else None
+    shapes = answer_format.shapes(pd.read_parquet(config.tuples_path(run))) if needs_shapes else None
     args = (loaded.model, loaded.tokenizer, loaded.image_processor, images, test)
     common = dict(key=str(config.finetuned_dir(run)), batch_size=pcfg["batch_size"], accelerator=accelerator,
                   progress=progress)
