@@ -3,7 +3,7 @@
     make book && .venv/bin/python bench/main_job.py [--run runs/default]
 
 Reads the seconds each stage took from the run's stage stamps (written by `skinlib.run` as it
-went) and the book build time if given; one row: the total against the 15-minute goal (baseline_s =
+went) and the book build time if given; one row: the total against the 10-minute goal (baseline_s =
 the goal, ours_s = measured, ratio > 1: within the goal), each stage's seconds and share in its size
 column. A stage reused from cache
 took no time in that run: rerun with `make book` after `rm -rf runs/default` for a full measurement.
@@ -18,7 +18,7 @@ from pathlib import Path
 from common import append, row, show
 from skinlib import config
 
-GOAL_S = 15 * 60
+GOAL_S = 10 * 60
 
 
 def main(argv=None) -> int:
@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     run = Path(a.run)
     secs = {}
     for stage in config.STAGE_NAMES:
-        stamp = config.stage_dir(run, stage) / ".stage.json"
+        stamp = config.stage_stamp_path(run, stage)
         if not stamp.exists():
             print(f"error: {stamp} missing: run `make book` first", file=sys.stderr)
             return 1
@@ -41,7 +41,7 @@ def main(argv=None) -> int:
                        for name, s in secs.items())
     for name, s in secs.items():
         print(f"{name:<16} {s:8.1f} s  {s / total:6.1%}")
-    rows = [row("main job: make book on the embedded default vs the 15-minute goal (ratio > 1 = within)",
+    rows = [row("main job: make book on the embedded default vs the 10-minute goal (ratio > 1 = within)",
                 f"{run.name}: {shares}", GOAL_S, total)]
     show(rows)
     append(rows)

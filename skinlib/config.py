@@ -298,6 +298,16 @@ def stage_dir(run: str | os.PathLike, stage: str) -> Path:
     return Path(run) / stage
 
 
+def stage_stamp_path(run, stage: str) -> Path:
+    """What `skinlib.run` wrote when the stage finished: its key, seconds and file listing."""
+    return stage_dir(run, stage) / ".stage.json"
+
+
+def executed_notebook_path(run, stage: str) -> Path:
+    """The stage's executed notebook, next to its artifacts."""
+    return stage_dir(run, stage) / f"{stage}.ipynb"
+
+
 # Artifacts, derived from the run folder.
 def phantom_dir(run) -> Path:
     return stage_dir(run, "01_data") / "phantom"

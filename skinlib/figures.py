@@ -276,6 +276,31 @@ def benchmark_ratios(bench: pd.DataFrame):
     return fig
 
 
+def stage_shares(stages: pd.DataFrame, goal_s: float | None = None):
+    """One bar per stage of a run (columns `stage`, `seconds`), labelled with its seconds and
+    share of the total; a second bar of the total against the goal, when one is given."""
+    if stages.empty:
+        raise ValueError("stage_shares: no stages")
+    total = float(stages.seconds.sum())
+    fig, (ax, tot) = plt.subplots(2, 1, figsize=(PAGE_WIDTH, 0.3 * len(stages) + 1.6),
+                                  height_ratios=[len(stages), 1.4], sharex=False)
+    ax.barh(stages.stage, stages.seconds, color="C0")
+    for i, sec in enumerate(stages.seconds):
+        ax.text(sec, i, f" {sec:.0f} s ({sec / total:.0%})", va="center", fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, stages.seconds.max() * 1.25)
+    ax.set(xlabel="seconds in this run (a stage reused from cache shows the run that made it)")
+    tot.barh(["all stages"], [total], color="C2" if goal_s is None or total <= goal_s else "C3")
+    if goal_s:
+        tot.axvline(goal_s, color="k", lw=1)
+        tot.text(goal_s, 0.45, f" goal {goal_s / 60:.0f} min", fontsize=8, va="bottom")
+    tot.text(total, 0, f" {total / 60:.1f} min", va="center", fontsize=8)
+    tot.set_xlim(0, max(total, goal_s or 0) * 1.2)
+    tot.set(xlabel="seconds")
+    fig.tight_layout()
+    return fig
+
+
 VERDICT_COLORS = {"holds": "C2", "not separable": "0.55", "reversed": "C3"}
 
 

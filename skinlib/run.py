@@ -58,14 +58,6 @@ def stage_key(stage: str, notebook: Path, cfg: dict, sections: tuple[str, ...], 
     return h.hexdigest()[:16]
 
 
-def _executed_path(run: Path, stage: str) -> Path:
-    return config.stage_dir(run, stage) / f"{stage}.ipynb"
-
-
-def _stamp_path(run: Path, stage: str) -> Path:
-    return config.stage_dir(run, stage) / ".stage.json"
-
-
 # A stage's stamp vouches for the files it made: every file of its folder and the files it wrote
 # under metrics/ (which later stages read, e.g. 04 reads r2.csv), each with its size, mtime and
 # sha256 (`resumable.listing`). Checking it stats every file and hashes only those whose mtime
@@ -81,7 +73,7 @@ def _metrics_state(run: Path) -> dict[Path, tuple[int, int]]:
 def _stage_outputs(run: Path, stage: str, metrics_before: dict) -> list[Path]:
     """The files a stage that just ran made: its folder's (not its stamp) and those it wrote under
     metrics/ (new or changed since `metrics_before`)."""
-    stamp = _stamp_path(run, stage)
+    stamp = config.stage_stamp_path(run, stage)
     own = [p for p in config.stage_dir(run, stage).rglob("*") if p.is_file() and p != stamp]
     wrote = [p for p, st in _metrics_state(run).items() if metrics_before.get(p) != st]
     return own + wrote
@@ -89,15 +81,15 @@ def _stage_outputs(run: Path, stage: str, metrics_before: dict) -> list[Path]:
 
 def _write_stamp(run: Path, stage: str, info: dict, outputs: list[Path]) -> None:
     """The stage's stamp, written whole (after the files it lists)."""
-    resumable.write_json(_stamp_path(run, stage), {**info, "files": resumable.listing(run, outputs)})
+    resumable.write_json(config.stage_stamp_path(run, stage), {**info, "files": resumable.listing(run, outputs)})
 
 
 def _stamp_damage(run: Path, stage: str, info: dict) -> str | None:
     """None when the files the stamp lists are all there, whole and unaltered; else the first that
     is not and what is wrong with it."""
     files = info.get("files")
-    if not isinstance(files, dict) or f"{stage}/{_executed_path(run, stage).name}" not in files:
-        return f"{_stamp_path(run, stage)} lists no files (an older stamp): nothing vouches for the stage's output"
+    if not isinstance(files, dict) or f"{stage}/{config.executed_notebook_path(run, stage).name}" not in files:
+        return f"{config.stage_stamp_path(run, stage)} lists no files (an older stamp): nothing vouches for the stage's output"
     return resumable.check_listing(run, files)
 
 
@@ -111,7 +103,7 @@ def execute_stage(stage: str, notebook: Path, profile: str, run: Path, kernel: s
     import jupytext
     import papermill
 
-    out_nb = _executed_path(run, stage)
+    out_nb = config.executed_notebook_path(run, stage)
     params = {"profile": profile, "out": str(run), **config.STAGE_PARAMETERS.get(stage, {}), **(parameters or {})}
     nb = jupytext.read(notebook)
     try:
@@ -188,13 +180,13 @@ def run_notebook(notebook, profile: str = "default", out: str | None = None, par
     cfg = config.load_profile(profile)
     run = config.run_dir(cfg, out).resolve()
     _check_parameters(nb, notebook_parameters(nb), {"profile": profile, "out": run, **(parameters or {})})
-    _stamp_path(run, stage).unlink(missing_ok=True)
+    config.stage_stamp_path(run, stage).unlink(missing_ok=True)
     try:
         return execute_stage(stage, nb, str(config.profile_path(profile).resolve()), run, kernel, parameters)
     except ParameterError:
         raise
     except Exception as e:  # as in the chain: name the cell, keep the executed notebook
-        raise StageFailed(stage, str(notebook), _executed_path(run, stage), e) from e
+        raise StageFailed(stage, str(notebook), config.executed_notebook_path(run, stage), e) from e
 
 
 def run_chain(profile: str = "default", out: str | None = None, stages: list[str] | None = None,
@@ -216,7 +208,7 @@ def run_chain(profile: str = "default", out: str | None = None, stages: list[str
         upstream = key
         if wanted is not None and stage not in wanted:
             continue
-        stamp = _stamp_path(run, stage)
+        stamp = config.stage_stamp_path(run, stage)
         info = None if force else resumable.read_json(stamp)
         if info is not None and info.get("key") == key:
             damage = _stamp_damage(run, stage, info)
@@ -232,7 +224,7 @@ def run_chain(profile: str = "default", out: str | None = None, stages: list[str
         try:
             executed = execute_stage(stage, notebook, prof_arg, run, kernel)
         except Exception as e:  # papermill's error names the cell; keep the executed notebook
-            raise StageFailed(stage, nb_rel, _executed_path(run, stage), e) from e
+            raise StageFailed(stage, nb_rel, config.executed_notebook_path(run, stage), e) from e
         dt = time.perf_counter() - t0
         _write_stamp(run, stage, {"key": key, "seconds": round(dt, 1), "notebook": nb_rel, "profile": cfg["name"],
                                   "finished": time.strftime("%Y-%m-%d %H:%M:%S")},

@@ -107,7 +107,7 @@ def test_unchanged_stages_are_reused_and_a_changed_parameter_reruns(smoke_run, t
     prof.write_text(yaml.safe_dump({"name": "smoke2", "inherit": "smoke", "data": {"split_seed": 5}}))
     status = run.run_chain(str(prof), out=out)
     assert status["00_phantom"] == "cached" and status["01_data"] == "ran"
-    stamp = json.loads((config.stage_dir(out, "01_data") / ".stage.json").read_text())
+    stamp = json.loads(config.stage_stamp_path(out, "01_data").read_text())
     assert stamp["profile"] == "smoke2"
 
 
@@ -122,7 +122,7 @@ def test_a_failing_stage_names_notebook_and_cell_and_keeps_the_traceback(tmp_pat
     executed = nbformat.read(e.value.executed, as_version=4)
     assert any(o.get("output_type") == "error" for c in executed.cells if c.cell_type == "code"
                for o in c.get("outputs", []))
-    assert not (tmp_path / "run" / "01_data" / ".stage.json").exists()
+    assert not config.stage_stamp_path(tmp_path / "run", "01_data").exists()
 
 
 def test_the_book_builds_from_the_executed_notebooks(smoke_book, smoke_run):

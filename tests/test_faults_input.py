@@ -197,7 +197,7 @@ def test_ctrl_c_in_a_stage_names_it_and_exits_130(tmp_path):
     assert proc.returncode == 130, err
     lines = err.strip().splitlines()  # nothing but our line: no traceback, not even the kernel's
     assert len(lines) == 1 and "01_data" in lines[0] and "rerun the same command" in lines[0], err
-    assert not (out / "01_data" / ".stage.json").exists()
+    assert not config.stage_stamp_path(out, "01_data").exists()
 
 
 # ---- 5. make book PROFILE=path/x.yaml -----------------------------------------------------------------

@@ -1,4 +1,5 @@
 """Figures that read files the project writes."""
+import matplotlib
 import pandas as pd
 import pytest
 
@@ -119,3 +120,16 @@ def test_distribution_and_roc_legends_sit_outside_every_panel():
         box = _inches(fig, legends[0])
         for ax in fig.axes:
             assert not box.overlaps(_inches(fig, ax)), ax.get_title()
+
+
+def test_stage_shares_labels_each_stage_with_its_share_and_colours_the_total_by_the_goal():
+    stages = pd.DataFrame({"stage": ["00_phantom", "01_data", "02_finetune"], "seconds": [30.0, 70.0, 400.0]})
+    fig = figures.stage_shares(stages, goal_s=600)
+    labels = [t.get_text() for t in fig.axes[0].texts]
+    assert labels == [" 30 s (6%)", " 70 s (14%)", " 400 s (80%)"]
+    total_bar = fig.axes[1].patches[0]
+    assert total_bar.get_width() == 500 and total_bar.get_facecolor()[:3] == matplotlib.colors.to_rgb("C2")
+    over = figures.stage_shares(stages.assign(seconds=stages.seconds * 2), goal_s=600)
+    assert over.axes[1].patches[0].get_facecolor()[:3] == matplotlib.colors.to_rgb("C3")
+    with pytest.raises(ValueError, match="no stages"):
+        figures.stage_shares(stages.iloc[:0])
