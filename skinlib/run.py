@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import config, resumable
+from . import config, needs, resumable
 
 PACKAGE_DIR = Path(__file__).parent
 
@@ -180,6 +180,7 @@ def run_notebook(notebook, profile: str = "default", out: str | None = None, par
     cfg = config.load_profile(profile)
     run = config.run_dir(cfg, out).resolve()
     _check_parameters(nb, notebook_parameters(nb), {"profile": profile, "out": run, **(parameters or {})})
+    needs.require(cfg, [stage], run)   # what the chapter reads from outside the repository
     config.stage_stamp_path(run, stage).unlink(missing_ok=True)
     try:
         return execute_stage(stage, nb, str(config.profile_path(profile).resolve()), run, kernel, parameters)
@@ -200,6 +201,8 @@ def run_chain(profile: str = "default", out: str | None = None, stages: list[str
     wanted = set(stages) if stages else None
     if wanted and wanted - set(config.STAGE_NAMES):
         raise KeyError(f"unknown stages {sorted(wanted - set(config.STAGE_NAMES))}; known: {', '.join(config.STAGE_NAMES)}")
+    # models, data, GPUs and disk, checked in seconds instead of found missing hours in
+    needs.require(cfg, [s for s in config.STAGE_NAMES if wanted is None or s in wanted], run)
     status: dict[str, str] = {}
     upstream = ""
     for stage, nb_rel, sections in config.STAGES:
