@@ -17,13 +17,13 @@
 # phantom written in the release's own format. This chapter shows how one crop is drawn, how each of
 # the 16 attributes is measured on it, and what the crops look like beside real ones.
 
-# %% tags=["parameters"]
+# %% tags=["parameters", "hide-input"]
 profile = "default"  # profile name or path to a profile YAML
 out = None  # run folder; default runs/<profile>
 n_gallery = 24  # crops in the gallery
 n_timing = 100  # crops drawn to time the generator
 
-# %%
+# %% tags=["hide-input"]
 import time
 
 import matplotlib.pyplot as plt
@@ -31,15 +31,15 @@ import numpy as np
 import pandas as pd
 from IPython.display import Markdown, display
 
-from skinlib import attributes, config, figures, measure, phantom, slice3d
+from skinlib import attributes, chapter, config, figures, measure, phantom, slice3d
 
-cfg = config.load_profile(profile)
-fixtures = config.resolve_path(config.section(cfg, "reference")["fixtures_dir"])
-lo, hi = phantom.SIZE_RANGE
+ch = chapter.open(profile, out, "00_phantom")
+fov, (lo, hi) = phantom.FOV_MM, phantom.SIZE_RANGE
 display(Markdown(
-    f"Every crop covers **{phantom.FOV_MM:g} × {phantom.FOV_MM:g} mm** of skin at {lo}–{hi} px, i.e. "
-    f"**{phantom.FOV_MM / hi:.3f}–{phantom.FOV_MM / lo:.3f} mm per pixel**, recorded per image in "
-    f"`{phantom.NUISANCE_FILE}`. Real SLICE-3D crops are 15 × 15 mm tiles at roughly the same sizes."))
+    f"Every crop covers **{fov:g} × {fov:g} mm** of skin at {lo}–{hi} px, i.e. "
+    f"**{fov / hi:.3f}–{fov / lo:.3f} mm per pixel**, recorded per image in "
+    f"`{phantom.NUISANCE_FILE}`. Real SLICE-3D crops are 15 × 15 mm tiles at roughly "
+    "the same sizes."))
 
 # %% [markdown]
 # ## One crop, step by step
@@ -52,7 +52,7 @@ display(Markdown(
 # come last and touch only the picture, as the real values are measured on the 3-D capture and not
 # on the 2-D tile.
 
-# %%
+# %% tags=["hide-input"]
 rng = np.random.default_rng(7)
 lesion = phantom.draw_lesion(rng, nuisance_rng=np.random.default_rng(8))
 clean = phantom.draw_lesion(np.random.default_rng(7), nuisances=False)
@@ -71,12 +71,13 @@ panels = [(overlay, "regions: core, inside, ring, outside skin"),
 for k, (ax, (im, title)) in enumerate(zip(axes, panels)):
     ax.imshow(im)
     if k == 2:
-        ax.plot(np.r_[c[:, 0], c[:1, 0]], np.r_[c[:, 1], c[:1, 1]], lw=0.8, color="cyan")
+        ax.plot(np.r_[c[:, 0], c[:1, 0]], np.r_[c[:, 1], c[:1, 1]], lw=0.8,
+                color="cyan")
     ax.set_title(title, fontsize=9)
     ax.axis("off")
 fig.tight_layout()
 
-# %%
+# %% tags=["hide-input"]
 rows = []
 for a in attributes.ATTRIBUTES:
     exact, how = measure.DEFINITIONS[a.name]
@@ -84,7 +85,8 @@ for a in attributes.ATTRIBUTES:
     rows.append({"attribute": a.name, "release column": a.column, "unit": a.unit,
                  "aimed at": None if aim is None else round(aim, 2),
                  "measured": round(lesion.attributes[a.name], 2),
-                 "definition": how, "as released?": "same definition" if exact else "analogue"})
+                 "definition": how,
+                 "as released?": "same definition" if exact else "analogue"})
 display(pd.DataFrame(rows).set_index("attribute"))
 
 # %% [markdown]
@@ -102,18 +104,19 @@ display(pd.DataFrame(rows).set_index("attribute"))
 # in the picture: rows vary the area, the border irregularity, the darkness against the skin and
 # the colour asymmetry.
 
-# %%
+# %% tags=["hide-input"]
 sweeps = {"areaMM2": [2, 6, 15, 40], "norm_border": [1, 3, 6, 9],
           "deltaL": [-4, -9, -16, -25], "radial_color_std_max": [0, 1, 2.5, 4.5]}
 pat = phantom.make_patient(0, 3)
 images, captions = [], []
 for name, values in sweeps.items():
     for v in values:
-        les = phantom.draw_lesion(np.random.default_rng(11), patient=pat, size_px=130, nuisances=False,
+        les = phantom.draw_lesion(np.random.default_rng(11), patient=pat, size_px=130,
+                                  nuisances=False,
                                   targets={"areaMM2": 12.0, "norm_color": 3.0, name: v})
         images.append(les.rgb)
         captions.append(f"{name} {les.attributes[name]:.1f}\n(aimed {v:g})")
-fig = figures.image_grid(images, captions, ncols=4, size=2.0)
+fig = figures.image_grid(images, captions, ncols=4)
 
 # %% [markdown]
 # ## A gallery across skin types
@@ -121,30 +124,35 @@ fig = figures.image_grid(images, captions, ncols=4, size=2.0)
 # Each patient has a skin tone shared by their lesions; the Fitzpatrick-like type is read from the
 # individual typology angle of the skin's L\* and b\*.
 
-# %%
-crops = [phantom._draw_image(0, i, p) for i, p in enumerate(phantom.plan_patients(400, 0))]
+# %% tags=["hide-input"]
+patients = phantom.plan_patients(400, 0)
+crops = [phantom._draw_image(0, i, p) for i, p in enumerate(patients)]
 order = sorted(range(len(crops)), key=lambda i: -crops[i].nuisance["ita_deg"])
-pick = [order[int(k)] for k in np.linspace(0, len(order) - 1, n_gallery)]
-fig = figures.image_grid([crops[i].rgb for i in pick],
-                         [f"type {crops[i].nuisance['fitzpatrick']}, {crops[i].attributes['areaMM2']:.1f} mm²\n"
-                          f"{crops[i].nuisance['n_hairs']} hairs, q{crops[i].nuisance['jpeg_quality']}"
-                          for i in pick], ncols=8, size=1.6)
+pick = [crops[order[int(k)]] for k in np.linspace(0, len(order) - 1, n_gallery)]
+fig = figures.image_grid(
+    [c.rgb for c in pick],
+    [f"type {c.nuisance['fitzpatrick']}, {c.attributes['areaMM2']:.1f} mm²\n"
+     f"{c.nuisance['n_hairs']} hairs, q{c.nuisance['jpeg_quality']}" for c in pick],
+    ncols=6)
 
 # %% [markdown]
 # ## Beside the real crops
 #
-# The top row holds the eight real SLICE-3D crops shipped with the project's fixtures, the bottom row
-# phantom crops, each at its own pixel size.
+# The upper two rows hold the eight real SLICE-3D crops shipped with the project's fixtures, the
+# lower two phantom crops, each at its own pixel size.
 
-# %%
-if fixtures.exists():
-    real = slice3d.fixture_images(fixtures)
+# %% tags=["hide-input"]
+if ch.fixtures.exists():
+    real = slice3d.fixture_images(ch.fixtures)
     ours = crops[:len(real)]
-    fig = figures.image_grid([im for _, im in real] + [c.rgb for c in ours],
-                             [f"real, {im.size[0]} px" for _, im in real] + [f"phantom, {c.rgb.shape[0]} px" for c in ours],
-                             ncols=len(real), size=1.6)
+    fig = figures.image_grid(
+        [im for _, im in real] + [c.rgb for c in ours],
+        [f"real, {im.size[0]} px" for _, im in real]
+        + [f"phantom, {c.rgb.shape[0]} px" for c in ours],
+        ncols=4)
 else:
-    print(f"The real fixture crops are not at {fixtures}; the comparison is left out of this run.")
+    print(f"The real fixture crops are not at {config.shown(ch.fixtures)}; "
+          "the comparison is left out of this run.")
 
 # %% [markdown]
 # ## How fast
@@ -152,9 +160,10 @@ else:
 # One process draws, measures and JPEG-encodes this many crops per second; `generate` spreads the
 # work over `data.phantom_workers` processes with the same result for any number of workers.
 
-# %%
+# %% tags=["hide-input"]
 t0 = time.perf_counter()
 for i in range(n_timing):
     phantom._draw_image(1, i, i // 4)
 dt = (time.perf_counter() - t0) / n_timing
-print(f"{1000 * dt:.1f} ms per crop in one process: {5000 * dt / 2:.0f} s for 5,000 crops on 2 workers")
+print(f"{1000 * dt:.1f} ms per crop in one process: "
+      f"{5000 * dt / 2:.0f} s for 5,000 crops on 2 workers")

@@ -19,7 +19,7 @@
 # the attribute's variation across lesions the model has learnt to read from the image; each R²
 # carries a 95% interval from resampling test patients.
 
-# %% tags=["parameters"]
+# %% tags=["parameters", "hide-input"]
 profile = "default"  # profile name or path to a profile YAML
 out = None  # run folder; default runs/<profile>
 # Overrides of the profile's `predict` section; None keeps the profile's value.
@@ -28,25 +28,24 @@ batch_size = None
 constrain = None  # hold replies to the training answers' shape (None: the profile's)
 reading = None  # the headline reading of r2.csv: greedy or median (None: the profile's)
 
-# %%
+# %% tags=["hide-input"]
 import matplotlib.pyplot as plt
 import pandas as pd
 from IPython.display import Markdown, display
 
-from skinlib import (answer_format, answers, config, figures, intervals, metrics, model as models, predict, qa,
-                     resumable, slice3d, split)
+from skinlib import (answer_format, answers, chapter, config, figures, intervals,
+                     metrics, model as models, predict, qa, resumable)
 
-cfg = config.load_profile(profile)
-pcfg = config.section(cfg, "predict", n_images=n_images, batch_size=batch_size, constrain=constrain,
-                      reading=reading)
-readings = list(dict.fromkeys(["greedy", *pcfg["readings"], pcfg["reading"]]))   # greedy is always read
-run = config.run_dir(cfg, out)
-config.set_threads(cfg.get("threads", 1))
-manifest = split.load_manifest(config.manifest_path(run))
-test = manifest[manifest.split == "test"]
+ch = chapter.open(profile, out, "03_predict", predict={
+    "n_images": n_images, "batch_size": batch_size, "constrain": constrain,
+    "reading": reading})
+cfg, run, pcfg, manifest = ch.cfg, ch.run, ch.cfg["predict"], ch.manifest
+# greedy is always read
+readings = list(dict.fromkeys(["greedy", *pcfg["readings"], pcfg["reading"]]))
+test = ch.test
 if pcfg["n_images"] and pcfg["n_images"] < len(test):
     test = test.sample(pcfg["n_images"], random_state=cfg["seed"]).sort_index()
-print(f"profile {cfg['name']!r}: {len(test):,} test images of {int((manifest.split == 'test').sum()):,}, "
+print(f"profile {cfg['name']!r}: {len(test):,} test images of {len(ch.test):,}, "
       f"{test.patient_id.nunique():,} patients, none seen in training")
 
 # %% [markdown]
@@ -64,36 +63,49 @@ print(f"profile {cfg['name']!r}: {len(test):,} test images of {int((manifest.spl
 # is the unconstrained one; where the constraint stepped in, the question is asked again without
 # it, so both readings are scored below.
 
-# %%
-loaded = models.load_finetuned(config.finetuned_dir(run), device=models.default_device())
-release = slice3d.Slice3D(*config.release_files(cfg, run), on_error=cfg["data"]["on_error"])
+# %% tags=["hide-input"]
+loaded = models.load_finetuned(config.finetuned_dir(run),
+                               device=models.default_device())
+release = ch.release
 images = qa.ImageCache(release, loaded.image_processor, keep=False)
-# the training answers' shapes: for constrained greedy replies, and the only answers the median reads
+# the training answers' shapes: for constrained greedy replies, and the only answers the
+# median reads
 needs_shapes = pcfg["constrain"] or "median" in readings
-shapes = answer_format.shapes(pd.read_parquet(config.tuples_path(run))) if needs_shapes else None
-pred = predict.predict_sharded(loaded.model, loaded.tokenizer, loaded.image_processor, images, test,
-                               config.reply_shards_dir(run, "greedy"), key=str(config.finetuned_dir(run)),
-                               batch_size=pcfg["batch_size"], shapes=shapes if pcfg["constrain"] else None)
+tuples = pd.read_parquet(config.tuples_path(run))
+shapes = answer_format.shapes(tuples) if needs_shapes else None
+model = (loaded.model, loaded.tokenizer, loaded.image_processor)
+key = str(config.finetuned_dir(run))
+pred = predict.predict_sharded(*model, images, test,
+                               config.reply_shards_dir(run, "greedy"), key=key,
+                               batch_size=pcfg["batch_size"],
+                               shapes=shapes if pcfg["constrain"] else None)
 frames = {"greedy": pred}
 if "median" in readings:
     frames["median"] = predict.predict_sharded(
-        loaded.model, loaded.tokenizer, loaded.image_processor, images, test,
-        config.reply_shards_dir(run, "median"), key=str(config.finetuned_dir(run)), reading="median",
-        batch_size=pcfg["batch_size"], shapes=shapes, beam=pcfg["beam"])
+        *model, images, test, config.reply_shards_dir(run, "median"), key=key,
+        reading="median", batch_size=pcfg["batch_size"], shapes=shapes,
+        beam=pcfg["beam"])
 for name, frame in frames.items():
-    resumable.write_csv(frame, config.reading_path(run, name))   # sealed: later stages can tell it whole
+    # sealed: later stages can tell it whole
+    resumable.write_csv(frame, config.reading_path(run, name))
 
-# R² of every reading with its patient-bootstrap interval; r2.csv holds the profile's headline one
+
+def r2_with_interval(frame, name):
+    """R² per attribute of one reading, with its patient-bootstrap interval."""
+    ci = intervals.r2_intervals(frame, patient_of, seed=cfg["seed"]).drop(columns="r2")
+    return metrics.r2_table(frame).merge(ci, on="attribute").assign(reading=name)
+
+
+# every reading; r2.csv holds the profile's headline one
 patient_of = manifest.set_index("isic_id").patient_id
-table = pd.concat([metrics.r2_table(f).merge(intervals.r2_intervals(f, patient_of, seed=cfg["seed"])
-                                             .drop(columns="r2"), on="attribute").assign(reading=name)
-                   for name, f in frames.items()], ignore_index=True)
+table = pd.concat([r2_with_interval(f, name) for name, f in frames.items()],
+                  ignore_index=True)
 head = frames[pcfg["reading"]]
 r2 = table[table.reading == pcfg["reading"]].reset_index(drop=True)
 resumable.write_csv(table, config.r2_readings_path(run), job=head.attrs["job"])
 resumable.write_csv(r2, config.r2_path(run), job=head.attrs["job"])
-print(f"{len(pred):,} questions, read {' and '.join(frames)}; headline {pcfg['reading']!r} -> "
-      f"{config.r2_path(run).relative_to(run)}")
+print(f"{len(pred):,} questions, read {' and '.join(frames)}; "
+      f"headline {pcfg['reading']!r} -> {config.r2_path(run).relative_to(run)}")
 
 # %% [markdown]
 # ## Replies that are not a number
@@ -101,10 +113,11 @@ print(f"{len(pred):,} questions, read {' and '.join(frames)}; headline {pcfg['re
 # A reply that is not one clean number is not scored; it is counted here per attribute (and in the
 # `unparsed` column of `r2.csv`), with examples.
 
-# %%
+# %% tags=["hide-input"]
 bad = answers.unparsed_report(head, by="attribute")
 n_bad = int(head.pred.isna().sum())
-print(f"{n_bad} of {len(head):,} {pcfg['reading']} readings ({n_bad / len(head):.2%}) are not a number")
+print(f"{n_bad} of {len(head):,} {pcfg['reading']} readings ({n_bad / len(head):.2%}) "
+      "are not a number")
 if n_bad:
     display(bad)
 
@@ -117,20 +130,24 @@ if n_bad:
 # along one decoding pass (`skinlib.median_reading`): at each character the branch where the
 # cumulative probability, in numeric order, crosses one half. For a fixed-width answer this is the
 # exact median; for integer parts of open width (the sizes) each width's prefixes are enumerated in
-# the same pass, which is exact up to the beam (`predict.beam`, 100: three-digit integer parts in full).
+# the same pass, which is exact up to the profile's beam (`predict.beam` prefixes per step).
 # Greedy decoding takes the likeliest first character and then its likeliest continuation: where
 # the model is unsure whether a value is below or above 20, greedy replies pile up on a few stock
 # answers either side, while the median moves smoothly with the model's belief.
 
-# %%
-fig = figures.r2_readings(table, order=list(frames), labels={"greedy": "greedy reply (the paper's reading)",
-                                                             "median": "median of the answer distribution"})
+# %% tags=["hide-input"]
+fig = figures.r2_readings(table, order=list(frames), labels={
+    "greedy": "greedy reply (the paper's reading)",
+    "median": "median of the answer distribution"})
 plt.show()
-paper = ("**The paper** (Qwen2-VL-7B, real SLICE-3D, 118,495 test images): R² between 0.71 and 0.96 "
-         "across the 16 attributes, greedy. ")
-display(Markdown(paper + metrics.r2_sentence(r2, len(test), cfg["name"], pcfg["reading"], n_bad / len(head))))
+paper = ("**The paper** (Qwen2-VL-7B, real SLICE-3D, 118,495 test images): R² between "
+         "0.71 and 0.96 across the 16 attributes, greedy. ")
+this_run = metrics.r2_sentence(r2, len(test), cfg["name"], pcfg["reading"],
+                               n_bad / len(head))
+display(Markdown(paper + this_run))
 if len(frames) > 1:
-    display(Markdown(metrics.medians_sentence(table, f"On all {len(test):,} test images")))
+    on_all = f"On all {len(test):,} test images"
+    display(Markdown(metrics.medians_sentence(table, on_all)))
 display(r2.round(3))
 
 # %% [markdown]
@@ -142,11 +159,11 @@ display(r2.round(3))
 # of reply and measured value (`skinlib.metrics.r2_parts`). The top of each stack is ρ², the R² the
 # replies would reach if they were rescaled afterwards.
 
-# %%
+# %% tags=["hide-input"]
 parts = metrics.r2_parts_table(head)
 fig = figures.r2_parts(parts)
 plt.show()
-display(Markdown(metrics.r2_parts_sentence(parts, head, manifest[manifest.split == "train"])))
+display(Markdown(metrics.r2_parts_sentence(parts, head, ch.train)))
 
 # %% [markdown]
 # ## A check by sampling
@@ -157,22 +174,26 @@ display(Markdown(metrics.r2_parts_sentence(parts, head, manifest[manifest.split 
 # (`skinlib.predict.sample`): a noisy estimate, at k generations per question, of what the median
 # reading above computes in one pass.
 
-# %%
+# %% tags=["hide-input"]
 scfg = pcfg.get("sample") or {}
 if scfg.get("k"):
     sub = test.head(scfg["n_images"]) if scfg.get("n_images") else test
-    kept = qa.ImageCache(release, loaded.image_processor, keep=True)   # read once per question: decode it once
-    sampled = predict.sample(loaded.model, loaded.tokenizer, loaded.image_processor, kept, sub,
-                             k=scfg["k"], seed=scfg["seed"], batch_size=scfg["batch_size"], shapes=shapes)
+    # each image is read once per question: decode it once
+    kept = qa.ImageCache(release, loaded.image_processor, keep=True)
+    sampled = predict.sample(*model, kept, sub, k=scfg["k"], seed=scfg["seed"],
+                             batch_size=scfg["batch_size"], shapes=shapes)
     resumable.write_csv(sampled, config.sampled_path(run))
     on_sub = {name: f[f.isic_id.isin(set(sub.isic_id))] for name, f in frames.items()}
     on_sub[f"median of {scfg['k']} samples"] = sampled
-    sub_table = pd.concat([metrics.r2_table(f).assign(reading=name) for name, f in on_sub.items()])
+    sub_table = pd.concat([metrics.r2_table(f).assign(reading=name)
+                           for name, f in on_sub.items()])
     fig = figures.r2_readings(sub_table, paper_range=None)
     plt.show()
-    n_bad_samples = int(len(sampled) * scfg["k"] - sampled.parsed.sum())
-    display(Markdown(metrics.medians_sentence(sub_table, f"On the first {len(sub):,} test images")
-                     + f" {n_bad_samples} of {len(sampled) * scfg['k']:,} samples were not a number."))
+    n_samples = len(sampled) * scfg["k"]
+    n_bad_samples = int(n_samples - sampled.parsed.sum())
+    display(Markdown(
+        metrics.medians_sentence(sub_table, f"On the first {len(sub):,} test images")
+        + f" {n_bad_samples} of {n_samples:,} samples were not a number."))
 else:
     print("predict.sample.k is 0: the sampling check is skipped.")
 
@@ -182,23 +203,26 @@ else:
 # The same model's plain greedy replies, scored alike, next to the format-constrained greedy ones;
 # and every reply the constraint changed, with the reply the model would have given without it.
 
-# %%
+# %% tags=["hide-input"]
 over = pred[pred.overridden]
 if not pcfg["constrain"]:
-    print("unconstrained run (predict.constrain false): the greedy replies above are the plain ones.")
+    print("unconstrained run (predict.constrain false): "
+          "the greedy replies above are the plain ones.")
 else:
-    both = pd.concat([metrics.r2_table(predict.free_readings(pred)).assign(reading="plain greedy"),
-                      metrics.r2_table(pred).assign(reading="format-constrained greedy")])
+    plain = metrics.r2_table(predict.free_readings(pred)).assign(reading="plain greedy")
+    held = metrics.r2_table(pred).assign(reading="format-constrained greedy")
+    both = pd.concat([plain, held])
     fig = figures.r2_readings(both, paper_range=None)
     plt.show()
-    display(Markdown(f"The constraint changed **{len(over)} of {len(pred):,} replies** "
-                     f"({len(over) / len(pred):.2%}). " + metrics.medians_sentence(both, "Greedy")
-                     + f" Not a number: {int(pred.free_pred.isna().sum())} plain, {int(pred.pred.isna().sum())} "
-                     "constrained."))
+    display(Markdown(
+        f"The constraint changed **{len(over)} of {len(pred):,} replies** "
+        f"({len(over) / len(pred):.2%}). " + metrics.medians_sentence(both, "Greedy")
+        + f" Not a number: {int(pred.free_pred.isna().sum())} plain, "
+        f"{int(pred.pred.isna().sum())} constrained."))
     if len(over):
+        shown = {"free_reply": "plain reply", "reply": "constrained reply"}
         display(over[["isic_id", "attribute", "true", "free_reply", "reply"]]
-                .rename(columns={"free_reply": "plain reply", "reply": "constrained reply"})
-                .head(30).round(2))
+                .rename(columns=shown).head(30).round(2))
 
 # %% [markdown]
 # ## Predicted against measured
@@ -206,7 +230,7 @@ else:
 # One panel per attribute; the diagonal is a perfect reading. Replies far outside the measured range
 # are drawn on the panel's edge (as triangles) rather than stretching the axes.
 
-# %%
+# %% tags=["hide-input"]
 fig = figures.predicted_vs_true(head, r2)
 plt.show()
 
@@ -216,12 +240,16 @@ plt.show()
 # For the four attributes with the lowest R², the test images whose reply is furthest from the
 # measured value, with both numbers: where the model is wrong, and whether the image explains it.
 
-# %%
-worst = metrics.worst_cases(head, r2.sort_values("r2", na_position="first").attribute.head(4),
-                            per_attribute=4)
-fig = figures.image_grid(
-    [release.image(i) for i in worst.isic_id],
-    [f"{r.attribute}\ntrue {r.true:.2f}  " + (f"model {r.pred:.2f}" if r.pred == r.pred else f"reply {r.reply or '—'}")
-     for r in worst.itertuples()],
-    ncols=8, size=1.7)
+# %% tags=["hide-input"]
+lowest = r2.sort_values("r2", na_position="first").attribute.head(4)
+worst = metrics.worst_cases(head, lowest, per_attribute=4)
+
+
+def caption(r):
+    said = f"model {r.pred:.2f}" if r.pred == r.pred else f"reply {r.reply or '—'}"
+    return f"{r.attribute}\ntrue {r.true:.2f}\n{said}"
+
+
+fig = figures.image_grid([release.image(i) for i in worst.isic_id],
+                         [caption(r) for r in worst.itertuples()], ncols=4)
 plt.show()

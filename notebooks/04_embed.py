@@ -18,32 +18,31 @@
 # state from which the model is about to answer question a. This chapter extracts both for every
 # training image (the retrieval database) and every query image, plus the two baselines' vectors.
 
-# %% tags=["parameters"]
+# %% tags=["parameters", "hide-input"]
 profile = "default"  # profile name or path to a profile YAML
 out = None  # run folder; default runs/<profile>
 # Overrides of the profile's `embed` section; None keeps the profile's value.
 n_queries = None
 batch_size = None
 
-# %%
+# %% tags=["hide-input"]
 import time
 
 import matplotlib.pyplot as plt
 import pandas as pd
 from IPython.display import display
 
-from skinlib import config, embed, figures, metrics, model as models, qa, resumable, slice3d, split, study, tuples
+from skinlib import (chapter, config, embed, figures, metrics, model as models, qa,
+                     resumable, study, tuples)
 
-cfg = config.load_profile(profile)
-ecfg = config.section(cfg, "embed", n_queries=n_queries, batch_size=batch_size)
-run = config.run_dir(cfg, out)
-config.set_threads(cfg.get("threads", 1))
-manifest = split.load_manifest(config.manifest_path(run))
-db = manifest[manifest.split == "train"]
+ch = chapter.open(profile, out, "04_embed",
+                  embed={"n_queries": n_queries, "batch_size": batch_size})
+cfg, run, ecfg = ch.cfg, ch.run, ch.cfg["embed"]
+manifest, release = ch.manifest, ch.release
+db = ch.train
 q = study.queries(manifest, ecfg["n_queries"], cfg["seed"])
 config.queries_path(run).parent.mkdir(parents=True, exist_ok=True)
 q[["isic_id"]].to_csv(config.queries_path(run), index=False)
-release = slice3d.Slice3D(*config.release_files(cfg, run), on_error=cfg["data"]["on_error"])
 print(f"database: {len(db):,} training images; queries: {len(q):,} test images")
 
 # %% [markdown]
@@ -56,20 +55,21 @@ print(f"database: {len(db):,} training images; queries: {len(q):,} test images")
 # the positions the full forward would give them; the tests compare both ways for every attribute.
 # Below, the same check on a few of this run's images, and the time per image both ways.
 
-# %%
+# %% tags=["hide-input"]
 tuned = models.load_finetuned(config.finetuned_dir(run), device=models.default_device())
 images = qa.ImageCache(release, tuned.image_processor, keep=False)
 some = [images[i] for i in q.isic_id[:4]]
+model = (tuned.model, tuned.tokenizer, tuned.image_processor)
 t0 = time.perf_counter()
-fast = embed.embed(tuned.model, tuned.tokenizer, tuned.image_processor, some)
+fast = embed.embed(*model, some)
 t_fast = (time.perf_counter() - t0) / len(some)
 t0 = time.perf_counter()
-slow = embed.embed_slow(tuned.model, tuned.tokenizer, tuned.image_processor, some)
+slow = embed.embed_slow(*model, some)
 t_slow = (time.perf_counter() - t0) / len(some)
 diff = max(float((fast[k] - slow[k]).abs().max()) for k in fast)
-print(f"largest difference fast vs full forward over h_im and all 16 h_im,a: {diff:.1e}\n"
-      f"per image, all 17 vectors: prefix-shared {t_fast * 1e3:.0f} ms, full forwards {t_slow * 1e3:.0f} ms "
-      f"({t_slow / t_fast:.1f}x)")
+print(f"largest difference fast vs full forward, h_im and all 16 h_im,a: {diff:.1e}\n"
+      f"per image, all 17 vectors: prefix-shared {t_fast * 1e3:.0f} ms, "
+      f"full forwards {t_slow * 1e3:.0f} ms ({t_slow / t_fast:.1f}x)")
 
 # %% [markdown]
 # ## Extract
@@ -78,8 +78,8 @@ print(f"largest difference fast vs full forward over h_im and all 16 h_im,a: {di
 # extraction resumes without recomputing finished shards, and memory stays at one shard whatever the
 # database size.
 
-# %%
-timings = study.extract_all({**cfg, "embed": ecfg}, run, list(db.isic_id), list(q.isic_id))
+# %% tags=["hide-input"]
+timings = study.extract_all(cfg, run, list(db.isic_id), list(q.isic_id))
 print(f"multi-attribute question (f): {embed.multi_question(ecfg['multi'])!r}")
 
 # %% [markdown]
@@ -91,11 +91,12 @@ print(f"multi-attribute question (f): {embed.multi_question(ecfg['multi'])!r}")
 # properties: an image encoder of its own (a small CNN), trained on this run's training images by
 # contrastive learning (two augmented views of an image should agree), without any attribute label.
 
-# %%
+# %% tags=["hide-input"]
 t0 = time.perf_counter()
 enc = study.baseline_encoder(cfg, run, release, db.isic_id)
-# MONET is loaded from the hub, the stand-in trained (or loaded, when this run trained it before)
-encoder_step = "encoder_load" if cfg["embed"]["encoder"].get("kind") == "monet" else "encoder_train_or_load"
+# MONET is loaded from the hub, the stand-in trained (or loaded: this run trained it)
+monet = cfg["embed"]["encoder"].get("kind") == "monet"
+encoder_step = "encoder_load" if monet else "encoder_train_or_load"
 timings[encoder_step] = time.perf_counter() - t0
 print(f"encoder: {enc.name}, {enc.dim}-dimensional")
 for part, ids in (("db", db.isic_id), ("queries", q.isic_id)):
@@ -104,11 +105,11 @@ for part, ids in (("db", db.isic_id), ("queries", q.isic_id)):
     study.save_array(run, f"encoder_{part}", vec)
     timings[f"encoder_{part}"] = time.perf_counter() - t0
 
-# %%
-# An extraction found finished (done by `accelerate launch -m skinlib.study`, or by an earlier run of
-# this notebook) has no time here: it is marked, not shown as 0 ms per image.
+# %% tags=["hide-input"]
+# An extraction found finished (by `accelerate launch -m skinlib.study`, or by an
+# earlier run of this notebook) has no time here: marked, not shown as 0 ms per image.
 tm = pd.Series(timings, name="seconds").round(1).to_frame()
-tm["images"] = [len(db) if k.endswith("db") else len(q) if k.endswith("queries") else len(db) for k in tm.index]
+tm["images"] = [len(q) if k.endswith("queries") else len(db) for k in tm.index]
 tm["ms per image"] = (1e3 * tm.seconds / tm.images).round(1)
 tm["done"] = ["found finished" if pd.isna(v) else "here" for v in tm.seconds]
 display(tm)
@@ -120,7 +121,7 @@ display(tm)
 # components and coloured by four attributes. Colour running smoothly across the map means the
 # attribute is laid out along the embedding's main directions — the grounding the paper is after.
 
-# %%
+# %% tags=["hide-input"]
 ids_db, arr = study.load_vectors(run, "tuned_db")
 xy = study.pca2(arr["image"])
 vals = db.set_index("isic_id").loc[ids_db]
@@ -130,7 +131,7 @@ plt.show()
 # %% [markdown]
 # ## What the last layer holds, and what the model answers
 #
-# Chapter 3 scores the model's answers, read as the profile's headline reading says (the median of
+# {doc}`Chapter 3 <03_predict>` scores the model's answers, read as the profile's headline reading says (the median of
 # the answer distribution on the embedded default; greedy replies, as the paper, on `paper`). The
 # vectors can be scored as well: a ridge regression fitted on the database vectors (training
 # images) and scored on the
@@ -139,20 +140,22 @@ plt.show()
 # language model's digits lose what its last layer holds; where all three are low, the image
 # features never held the attribute.
 
-# %%
+# %% tags=["hide-input"]
 ids_q, arr_q = study.load_vectors(run, "tuned_queries")
 q_vals = q.set_index("isic_id").loc[ids_q]
-read = metrics.readout_table({k: arr[k] for k in ("image_text", "image")}, vals,
-                             {k: arr_q[k] for k in ("image_text", "image")}, q_vals)
+kinds = ("image_text", "image")
+read = metrics.readout_table({k: arr[k] for k in kinds}, vals,
+                             {k: arr_q[k] for k in kinds}, q_vals)
 answered = pd.read_csv(resumable.verified(config.r2_path(run)))
 answers = answered[["attribute", "r2"]].assign(kind="answers")
 table = pd.concat([answers, read[["attribute", "kind", "r2"]]], ignore_index=True)
-fig = figures.readout_vs_answers(table, labels={"answers": f"answers ({answered.reading.iloc[0]} reading, chapter 3)",
-                                                "image_text": "read-out of h_im,a", "image": "read-out of h_im"})
+fig = figures.readout_vs_answers(table, labels={
+    "answers": f"answers ({answered.reading.iloc[0]} reading, chapter 3)",
+    "image_text": "read-out of h_im,a", "image": "read-out of h_im"})
 plt.show()
 med = table.groupby("kind").r2.median()
-print(f"median R² over the 16 attributes: answers {med['answers']:.2f}, read-out of h_im,a "
-      f"{med['image_text']:.2f}, of h_im {med['image']:.2f}")
+print(f"median R² over the 16 attributes: answers {med['answers']:.2f}, "
+      f"read-out of h_im,a {med['image_text']:.2f}, of h_im {med['image']:.2f}")
 
 # %% [markdown]
 # The read-out above learns every attribute from every training image, while the language model was
@@ -160,9 +163,11 @@ print(f"median R² over the 16 attributes: answers {med['answers']:.2f}, read-ou
 # on those images alone, the read-out of h_im shows whether that smaller set of answers is what holds
 # the replies back.
 
-# %%
+# %% tags=["hide-input"]
 asked = tuples.asked_rows(pd.read_parquet(config.tuples_path(run)), ids_db)
-taught = metrics.readout_table({"image": arr["image"]}, vals, {"image": arr_q["image"]}, q_vals, fit_rows=asked)
-print(f"read-out of h_im fitted on the images that asked each attribute ({taught.n_train.min():,} to "
-      f"{taught.n_train.max():,} per attribute, of {len(ids_db):,}): median R² {taught.r2.median():.2f}, "
+taught = metrics.readout_table({"image": arr["image"]}, vals, {"image": arr_q["image"]},
+                               q_vals, fit_rows=asked)
+print(f"read-out of h_im fitted on the images that asked each attribute "
+      f"({taught.n_train.min():,} to {taught.n_train.max():,} per attribute, "
+      f"of {len(ids_db):,}): median R² {taught.r2.median():.2f}, "
       f"against {med['image']:.2f} fitted on all; the answers: {med['answers']:.2f}")

@@ -20,63 +20,65 @@
 # images closer in that attribute than the image alone, which beats the untuned model and a general
 # skin-image encoder.
 
-# %% tags=["parameters"]
+# %% tags=["parameters", "hide-input"]
 profile = "default"  # profile name or path to a profile YAML
 out = None  # run folder; default runs/<profile>
 # Overrides of the profile's `retrieval` section; None keeps the profile's value.
 k = None
 b = None
 
-# %%
+# %% tags=["hide-input"]
 import matplotlib.pyplot as plt
 import pandas as pd
 from IPython.display import Markdown, display
 
-from skinlib import config, evaluate, figures, intervals, resumable, slice3d, split, study
+from skinlib import chapter, config, evaluate, figures, intervals, resumable, study
 
-cfg = config.load_profile(profile)
-rcfg = config.section(cfg, "retrieval", k=k, b=b)
-run = config.run_dir(cfg, out)
-config.set_threads(cfg.get("threads", 1))
-manifest = split.load_manifest(config.manifest_path(run))
-db_frame = manifest[manifest.split == "train"]
-release = slice3d.Slice3D(*config.release_files(cfg, run), on_error=cfg["data"]["on_error"])
+ch = chapter.open(profile, out, "05_retrieval", retrieval={"k": k, "b": b})
+cfg, run, rcfg = ch.cfg, ch.run, ch.cfg["retrieval"]
+manifest, release = ch.manifest, ch.release
 
-# The image+text vectors stay in their float16 shards: run_methods reads one attribute at a time
-# (16 attributes of 3,584 floats per image do not fit in memory at the paper's size).
+# The image+text vectors stay in their float16 shards: run_methods reads one attribute
+# at a time (16 attributes of 3,584 floats per image do not fit in memory at the paper's
+# size).
 db_ids, q_ids, vec = study.stored_vectors(run)
 q_frame = manifest.set_index("isic_id").loc[q_ids].reset_index()
-db_frame = db_frame.set_index("isic_id").loc[db_ids].reset_index()
+db_frame = ch.train.set_index("isic_id").loc[db_ids].reset_index()
 multi = list(cfg["embed"]["multi"])
-patient_of = manifest.set_index("isic_id").patient_id   # intervals resample patients, not lesions
-print(f"{len(q_ids):,} queries against {len(db_ids):,} database images; k = {rcfg['k']}, b = {rcfg['b']}")
+# intervals resample patients, not lesions
+patient_of = manifest.set_index("isic_id").patient_id
+print(f"{len(q_ids):,} queries against {len(db_ids):,} database images; "
+      f"k = {rcfg['k']}, b = {rcfg['b']}")
 
 # %% [markdown]
 # ## Search with every method
 #
 # The hierarchical method (b) needs no per-attribute index: it takes the top b images by the
 # image-only vector and re-ranks them by their image+text vectors. In the paper those are computed
-# on the fly for the candidates; here every database image's h_im,a was already extracted (chapter
-# 4, the same prefix-shared forward), so the candidates' stored vectors are read instead of being
-# computed again.
+# on the fly for the candidates; here every database image's h_im,a was already extracted
+# ({doc}`chapter 4 <04_embed>`, the same prefix-shared forward), so the candidates' stored vectors
+# are read instead of being computed again.
 
-# %%
-results, cost = study.run_methods(db_ids, q_ids, vec, k=rcfg["k"], b=rcfg["b"], multi_names=multi)
+# %% tags=["hide-input"]
+results, cost = study.run_methods(db_ids, q_ids, vec, k=rcfg["k"], b=rcfg["b"],
+                                  multi_names=multi)
 long = study.score(results, db_frame, q_frame)
 # written whole and sealed, so chapter 7 and the side studies can tell them unaltered
 job = resumable.job_key({"retrieval": rcfg, "queries": q_ids, "database": db_ids})
-config.percentiles_path(run).parent.mkdir(parents=True, exist_ok=True)
-long.to_parquet(resumable.partial_path(config.percentiles_path(run)), index=False)
-resumable.commit(config.percentiles_path(run), job, rows=len(long))
-summary = intervals.summary_with_intervals(evaluate.summary(long), long, patient_of, seed=cfg["seed"])
+percentiles = config.percentiles_path(run)
+percentiles.parent.mkdir(parents=True, exist_ok=True)
+long.to_parquet(resumable.partial_path(percentiles), index=False)
+resumable.commit(percentiles, job, rows=len(long))
+summary = intervals.summary_with_intervals(evaluate.summary(long), long, patient_of,
+                                           seed=cfg["seed"])
 config.metrics_dir(run).mkdir(parents=True, exist_ok=True)
 resumable.write_csv(summary, config.retrieval_path(run), job)
-print(f"{len(long):,} scored cells -> {config.percentiles_path(run).relative_to(run)}\n"
+print(f"{len(long):,} scored cells -> {percentiles.relative_to(run)}\n"
       f"medians -> {config.retrieval_path(run).relative_to(run)}")
 missing = evaluate.missing_cells(long)
 if missing.n_nan.sum():
-    print(f"{int(missing.n_nan.sum())} cells have no value (an excluded attribute of the query or the "
-          "retrieved image) and are not scored:")
+    print(f"{int(missing.n_nan.sum())} cells have no value (an excluded attribute "
+          "of the query or the retrieved image) and are not scored:")
     display(missing[missing.n_nan > 0])
 
 # %% [markdown]
@@ -85,9 +87,10 @@ if missing.n_nan.sum():
 # One panel per attribute, one box per method (percentiles of every query's top-5; lower is better;
 # the dashed line is chance).
 
-# %%
+# %% tags=["hide-input"]
 paper_long = long[long.method.isin(study.PAPER_METHODS) & long.percentile.notna()]
-fig = figures.percentile_boxes(paper_long, order=list(study.PAPER_METHODS), labels=study.LABELS)
+fig = figures.percentile_boxes(paper_long, order=list(study.PAPER_METHODS),
+                               labels=study.LABELS)
 plt.show()
 
 # %% [markdown]
@@ -100,30 +103,31 @@ plt.show()
 # side of zero (for "hierarchical ≈ image+text": within 2 points), is *reversed* when it lies wholly
 # on the other side, and is *not separable* when it straddles.
 
-# %%
+# %% tags=["hide-input"]
 order_table = intervals.ordering(long, patient_of, seed=cfg["seed"])
 resumable.write_csv(order_table, config.ordering_path(run), job)
 fig = figures.ordering_differences(order_table, labels=intervals.COMPARISON_LABELS)
 plt.show()
 display(Markdown(
-    "**The paper** (Fig. 4, real SLICE-3D, Qwen2-VL-7B): image+text retrieval gives the lowest "
-    "percentiles for every attribute, hierarchical is close to it, then image-only, then the untuned "
-    "model and MONET. **This run**: " + intervals.ordering_sentence(order_table)))
+    "**The paper** (Fig. 4, real SLICE-3D, Qwen2-VL-7B): image+text retrieval "
+    "gives the lowest percentiles for every attribute, hierarchical is close to it, "
+    "then image-only, then the untuned model and MONET. **This run**: "
+    + intervals.ordering_sentence(order_table)))
 
 # %% [markdown]
 # **Across training seeds.** The same verdicts from a second fine-tuning of the embedded default
 # that changes only the training seeds (model initialisation, tuples drawn, batch order): a side
-# study outside the main job, `python probes/seed_study.py --seeds 0 1 --reuse 0=runs/default`
-# (about 13 minutes on 2 cores), which writes `probes/results/seed_ordering.csv`. Its seed 0 is the
-# book's own run of the commit that wrote the file.
+# study outside the main job, `python probes/seed_study.py --seeds 0 1 --reuse 0=runs/default`,
+# which writes `probes/results/seed_ordering.csv`. Its seed 0 is the book's own run of the commit
+# that wrote the file.
 
-# %%
+# %% tags=["hide-input"]
 seed_csv = config.seed_ordering_path()
 if cfg["name"] == "default" and seed_csv.exists():
     display(Markdown(intervals.seed_agreement_sentence(pd.read_csv(seed_csv))))
 else:
-    print(f"no seed study for the {cfg['name']!r} profile ({seed_csv.relative_to(config.REPO_ROOT)} "
-          "holds the embedded default's)")
+    print(f"no seed study for the {cfg['name']!r} profile "
+          f"({config.shown(seed_csv)} holds the embedded default's)")
 
 # %% [markdown]
 # ## Fig. 3: what the two kinds of retrieval return
@@ -131,7 +135,7 @@ else:
 # Four test queries (left) with their top-5 by the image alone (top row of each pair) and by the image
 # plus the area question (bottom row); the lesion area in mm² is printed above every image.
 
-# %%
+# %% tags=["hide-input"]
 pick = study.example_queries(q_frame, "areaMM2", n=4, seed=cfg["seed"])
 rows, captions = [], []
 qpos = {i: n for n, i in enumerate(q_ids)}
@@ -143,15 +147,17 @@ for qid in pick:
         top = results[key][qpos[qid]]
         rows += [release.image(qid)] + [release.image(i) for i in top]
         label = "image only" if method == "image" else "image + Q(area)"
-        captions += [f"query ({label})\n{area[qid]:.1f} mm²"] + [f"{dbarea[i]:.1f} mm²" for i in top]
-fig = figures.image_grid(rows, captions, ncols=rcfg["k"] + 1, size=1.5)
+        captions += ([f"query\n{label}\n{area[qid]:.1f} mm²"]
+                     + [f"{dbarea[i]:.1f} mm²" for i in top])
+fig = figures.image_grid(rows, captions, ncols=rcfg["k"] + 1)
 plt.show()
 
-# %%
+# %% tags=["hide-input"]
 gaps = study.value_gaps(results, db_frame, q_frame, q_ids, "areaMM2")
 display(Markdown(
-    "**The paper** (Fig. 3, real SLICE-3D, Qwen2-VL-7B): with the area question the top-5 have areas close "
-    "to the query's, while the image alone returns look-alikes of other sizes. **This run**: "
+    "**The paper** (Fig. 3, real SLICE-3D, Qwen2-VL-7B): with the area question the "
+    "top-5 have areas close to the query's, while the image alone returns look-alikes "
+    "of other sizes. **This run**: "
     + study.fig3_sentence(gaps, "areaMM2", k=rcfg["k"])))
 
 # %% [markdown]
@@ -165,8 +171,9 @@ display(Markdown(
 # times the image-only database. The paper's answer is the hierarchical search (b); a second answer
 # is to compress the 16 indexes (8-bit scalar quantisation: a quarter of the memory).
 
-# %%
+# %% tags=["hide-input"]
 med = summary.pivot(index="attribute", columns="method", values="median_percentile")
-display(med.loc[multi, [m for m in ("multi_attribute", "image_text", "image") if m in med]].round(1))
+shown = [m for m in ("multi_attribute", "image_text", "image") if m in med]
+display(med.loc[multi, shown].round(1))
 table = study.cost_table(cost, summary, n_queries=len(q_ids))
 display(table)

@@ -27,90 +27,102 @@
 # There the true attributes hold everything the label depends on and mark the ceiling; on the real
 # release they do not. {doc}`01_data` shows how the label leans on each attribute, beside the real rows.
 
-# %% tags=["parameters"]
+# %% tags=["parameters", "hide-input"]
 profile = "default"  # profile name or path to a profile YAML
 out = None  # run folder; default runs/<profile>
 n_boot = 1000  # patient bootstrap resamples for the 95% intervals
 seed = None  # folds and bootstrap (None: the profile's seed)
 
-# %%
+# %% tags=["hide-input"]
 import matplotlib.pyplot as plt
-import numpy as np
 import pandas as pd
 from IPython.display import Markdown, display
 
-from skinlib import attributes, config, malignancy, malignancy_figures, phantom, split, study
+from skinlib import (attributes, chapter, config, malignancy, malignancy_figures,
+                     phantom, resumable, study)
 
-cfg = config.load_profile(profile)
-run = config.run_dir(cfg, out)
+ch = chapter.open(profile, out, "06_malignancy")
+cfg, run = ch.cfg, ch.run
 seed = cfg["seed"] if seed is None else seed
-config.set_threads(cfg.get("threads", 1))
-manifest = split.load_manifest(config.manifest_path(run))
-_, metadata_csv = config.release_files(cfg, run)
+_, metadata_csv = ch.release_files
 labels = pd.read_csv(metadata_csv, usecols=["isic_id", "target"])
-manifest = manifest.merge(labels, on="isic_id", how="left", validate="one_to_one")
+manifest = ch.manifest.merge(labels, on="isic_id", how="left", validate="one_to_one")
 if manifest.target.isna().any():
-    raise ValueError(f"{metadata_csv}: no target for {int(manifest.target.isna().sum())} manifest rows")
+    n = int(manifest.target.isna().sum())
+    raise ValueError(f"{metadata_csv}: no target for {n} manifest rows")
 manifest["target"] = manifest.target.astype(int)
-display(manifest.groupby("split").agg(images=("isic_id", "size"), patients=("patient_id", "nunique"),
+display(manifest.groupby("split").agg(images=("isic_id", "size"),
+                                      patients=("patient_id", "nunique"),
                                       malignant=("target", "sum")))
 
 # %% [markdown]
 # ## What is scored on what
 #
-# The probes are fitted on every training image. Chapter 3 asks its questions of the first
-# `predict.n_images` test images only, and of no training image, and chapter 4 extracts vectors for
-# every training image but only for its `embed.n_queries` query images of the test split. So every
-# probe is scored on the test images that have both predictions and vectors (the same images for
-# every row, so that rows compare), and the probe "fit on predicted", which needs predicted
-# attributes on the training images, is not run here.
+# The probes are fitted on every training image. {doc}`Chapter 3 <03_predict>` asks its questions
+# of the first `predict.n_images` test images only, and of no training image, and
+# {doc}`chapter 4 <04_embed>` extracts vectors for every training image but only for its
+# `embed.n_queries` query images of the test split. So every probe is scored on the test images
+# that have both predictions and vectors (the same images for every row, so that rows compare),
+# and the probe "fit on predicted", which needs predicted attributes on the training images, is
+# not run here.
 
-# %%
+# %% tags=["hide-input"]
 train = manifest[manifest.split == "train"].reset_index(drop=True)
-pred = pd.read_csv(config.reading_path(run, cfg["predict"]["reading"]))   # the headline reading
+# the headline reading
+pred = pd.read_csv(config.reading_path(run, cfg["predict"]["reading"]))
 q_ids, tuned_q = study.load_vectors(run, "tuned_queries")
 scored = [i for i in q_ids if i in set(pred.isic_id)]
 test = manifest.set_index("isic_id").loc[scored].reset_index()
-print(f"training images: {len(train):,} ({train.target.sum()} malignant); test images scored: {len(test):,} "
-      f"({test.target.sum()} malignant, {test.patient_id.nunique()} patients) of "
-      f"{int((manifest.split == 'test').sum()):,} in the test split")
+print(f"training images: {len(train):,} ({train.target.sum()} malignant); "
+      f"test images scored: {len(test):,} ({test.target.sum()} malignant, "
+      f"{test.patient_id.nunique()} patients) of {len(ch.test):,} in the test split")
+
+
+def rows(ids, wanted):
+    """Positions in `ids` of the `wanted` ids."""
+    pos = {i: n for n, i in enumerate(ids)}
+    return [pos[i] for i in wanted]
 
 
 def vectors(which):
-    """(training array, test array) of one extraction, rows in `train` / `test` order."""
+    """(training, test) arrays of one extraction, rows in `train` / `test` order."""
     ids_db, db = study.load_vectors(run, f"{which}_db")
     ids_q, q = study.load_vectors(run, f"{which}_queries")
-    pos_db, pos_q = {i: n for n, i in enumerate(ids_db)}, {i: n for n, i in enumerate(ids_q)}
-    return db["image"][[pos_db[i] for i in train.isic_id]], q["image"][[pos_q[i] for i in test.isic_id]]
+    return (db["image"][rows(ids_db, train.isic_id)],
+            q["image"][rows(ids_q, test.isic_id)])
 
 
 def encoder_vectors():
     # saved by chapter 4 in the order of the training split and of queries.csv
-    db_ids = manifest[manifest.split == "train"].isic_id.tolist()
+    db_ids = ch.train.isic_id.tolist()
     q_csv = pd.read_csv(config.queries_path(run)).isic_id.tolist()
-    db, q = study.load_array(run, "encoder_db"), study.load_array(run, "encoder_queries")
-    pos_db, pos_q = {i: n for n, i in enumerate(db_ids)}, {i: n for n, i in enumerate(q_csv)}
-    return db[[pos_db[i] for i in train.isic_id]], q[[pos_q[i] for i in test.isic_id]]
+    db = study.load_array(run, "encoder_db")
+    q = study.load_array(run, "encoder_queries")
+    return db[rows(db_ids, train.isic_id)], q[rows(q_csv, test.isic_id)]
 
 
 true_train = malignancy.attribute_matrix(train, train.isic_id)
 true_test = malignancy.attribute_matrix(test, test.isic_id)
 pred_test, n_unread = malignancy.predicted_attributes(pred, test.isic_id)
-print(f"predicted attributes: {n_unread} of {pred_test.size} values missing (a reply that did not "
-      "parse, or a question not asked because the attribute is excluded); the probe fills them with "
-      "the training median and counts them (n_imputed_test)")
+print(f"predicted attributes: {n_unread} of {pred_test.size} values missing "
+      "(a reply that did not parse, or a question not asked because the attribute is "
+      "excluded); the probe fills them with the training median and counts them "
+      "(n_imputed_test)")
 
 if test.target.nunique() == 2:
     sets = malignancy.feature_sets(
         true_train=true_train, true_test=true_test, predicted_test=pred_test,
-        embeddings={"h_im fine-tuned": vectors("tuned"), "h_im untuned": vectors("untuned"),
+        embeddings={"h_im fine-tuned": vectors("tuned"),
+                    "h_im untuned": vectors("untuned"),
                     "baseline encoder": encoder_vectors()})
 else:
-    # too few test images were asked for both classes to be among them (a small profile):
-    # only the true attributes can be scored, on the whole test split
+    # too few test images were asked for both classes to be among them (a small
+    # profile): only the true attributes can be scored, on the whole test split
     test = manifest[manifest.split == "test"].reset_index(drop=True)
-    print(f"the scored images hold one class only; scoring the true attributes on all {len(test)} test images")
-    sets = {"true attributes": (true_train, malignancy.attribute_matrix(test, test.isic_id))}
+    print("the scored images hold one class only; scoring the true attributes on all "
+          f"{len(test)} test images")
+    sets = {"true attributes": (true_train,
+                                malignancy.attribute_matrix(test, test.isic_id))}
 
 # %% [markdown]
 # ## The probes
@@ -120,7 +132,7 @@ else:
 # patients; `c` is the regularisation chosen by 5-fold cross-validation over training patients, and
 # the last two columns count the missing values filled with training medians.
 
-# %%
+# %% tags=["hide-input"]
 res = malignancy.run_probes(sets, train, test, n_boot=n_boot, seed=seed)
 paths = malignancy.write_results(res, run)
 display(res.table.round(3))
@@ -128,11 +140,13 @@ for name, why in res.skipped.items():
     print(f"not scored: {name} ({why})")
 for name, p in res.probes.items():
     if not p.converged:
-        print(f"{name}: the final fit stopped at {malignancy.MAX_ITER} iterations before converging")
+        print(f"{name}: the final fit stopped at {malignancy.MAX_ITER} iterations "
+              "before converging")
 skipped = {k for k in res.n_boot_skipped.values() if k}
-if skipped:   # the draws are shared, so on the same test images every set skips the same resamples
-    print(f"{', '.join(map(str, sorted(skipped)))} of {n_boot} resamples held no malignant (or no benign) "
-          "lesion and were not scored")
+# the draws are shared, so on the same test images every set skips the same resamples
+if skipped:
+    print(f"{', '.join(map(str, sorted(skipped)))} of {n_boot} resamples held no "
+          "malignant (or no benign) lesion and were not scored")
 print(f"-> {config.shown(paths[0], run)}\n-> {config.shown(paths[1], run)}")
 
 # %% [markdown]
@@ -140,18 +154,18 @@ print(f"-> {config.shown(paths[0], run)}\n-> {config.shown(paths[1], run)}")
 # shows from the attributes the model reads, as the row "predicted attributes (fit on true)" does:
 # the training medians, standardisation, coefficients and C, as sealed JSON.
 
-# %%
-from skinlib import resumable
-
-# "fit on true" and "true attributes" are one fit (the training images' true attributes), so the
-# probe exists whenever the true attributes were scored, also when the read ones could not be
+# %% tags=["hide-input"]
+# "fit on true" and "true attributes" are one fit (the training images' true
+# attributes), so the probe exists whenever the true attributes were scored, also when
+# the read ones could not be
 probe_path = config.malignancy_probe_path(run)
 if "true attributes" in res.probes:
     malignancy.save_probe(res.probes["true attributes"], probe_path)
     print(f"-> {config.shown(probe_path, run)}")
 else:
     resumable.remove(probe_path)   # no stale probe from an earlier run of this folder
-    print("no attribute probe was fitted: the explorer shows no malignancy probability")
+    print("no attribute probe was fitted: "
+          "the explorer shows no malignancy probability")
 
 # %% [markdown]
 # On the phantom the label was drawn from P(malignant | the 16 attributes) itself, an additive
@@ -159,11 +173,13 @@ else:
 # the test images as well as anything can. Compare it with the row "true attributes", the linear
 # probe on the same values: the gap is what a straight line per attribute misses.
 
-# %%
+# %% tags=["hide-input"]
 if cfg["data"]["source"] == "phantom":
-    raw = attributes.named(pd.read_csv(metadata_csv)).set_index("isic_id").loc[test.isic_id, list(attributes.NAMES)]
-    own = phantom.malignancy_logit(raw.to_numpy())
-    print(f"the phantom's own model on these {len(test)} test images: AUC {malignancy.roc_auc(test.target, own):.3f}, "
+    raw = attributes.named(pd.read_csv(metadata_csv)).set_index("isic_id")
+    values = raw.loc[test.isic_id, list(attributes.NAMES)].to_numpy()
+    own = phantom.malignancy_logit(values)
+    print(f"the phantom's own model on these {len(test)} test images: "
+          f"AUC {malignancy.roc_auc(test.target, own):.3f}, "
           f"pAUC {malignancy.partial_auc(test.target, own):.3f}")
 
 # %% [markdown]
@@ -173,7 +189,7 @@ if cfg["data"]["source"] == "phantom":
 # malignant lesions are caught. Right, that band enlarged: the filled area under each curve is its
 # partial AUC.
 
-# %%
+# %% tags=["hide-input"]
 fig = malignancy_figures.roc_curves(res.scores, table=res.table)
 plt.show()
 
@@ -185,7 +201,7 @@ plt.show()
 # Correlated attributes share their weight in ways a single coefficient does not show: the size
 # attributes in particular move together.
 
-# %%
+# %% tags=["hide-input"]
 probe = res.probes["true attributes"]
 fig = malignancy_figures.coefficients(malignancy.coefficients(probe))
 plt.show()
@@ -196,7 +212,7 @@ plt.show()
 # The highest-scored malignant test lesion: each bar is its standardised attribute value times the
 # coefficient, and with the intercept they add up to the probe's log-odds.
 
-# %%
+# %% tags=["hide-input"]
 contrib = malignancy.contributions(probe, sets["true attributes"][1], test.isic_id)
 top = contrib.loc[contrib.score[test.target.to_numpy() == 1].idxmax()]
 fig = malignancy_figures.contributions(top, attributes.NAMES)
@@ -205,5 +221,5 @@ plt.show()
 # %% [markdown]
 # ## Reading the table
 
-# %%
+# %% tags=["hide-input"]
 display(Markdown(malignancy.comparison_sentence(res.table)))

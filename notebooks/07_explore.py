@@ -19,7 +19,8 @@
 # query than most of the database). Next to them, the malignancy probe of {doc}`06_malignancy`
 # applied to the 16 attributes the model reads in the query: its probability of malignancy, each
 # attribute's contribution (standardised value × coefficient; with the intercept they sum to the
-# log-odds) and, for a test lesion, its label. A run whose chapter 6 kept no probe says so instead.
+# log-odds) and, for a test lesion, its label. A run whose {doc}`chapter 6 <06_malignancy>` kept no
+# probe says so instead.
 #
 # **In this page** (no kernel) the explorer at the end of the page works from picks precomputed
 # when the book was built: a few dozen test lesions, every method and attribute, k from 1 to 10.
@@ -29,23 +30,22 @@
 # fresh notebook copy of this chapter in the ignored folder `live/` (so exploring never changes the
 # repository's files); Run All, then use the controls.
 
-# %% tags=["parameters"]
+# %% tags=["parameters", "hide-input"]
 profile = "default"  # profile name or path to a profile YAML
 out = None  # run folder; default runs/<profile>
 n_static = 40  # test lesions in the book's kernel-free explorer
-live = True  # build the ipywidgets controls (the book's batch run passes False: no frontend there)
+live = True  # build the ipywidgets controls (the book's batch run passes False)
 
-# %%
+# %% tags=["hide-input"]
 import time
 
 import pandas as pd
 from IPython.display import HTML, display
 
-from skinlib import config, explore, study
+from skinlib import chapter, explore, study
 
-cfg = config.load_profile(profile)
-run = config.run_dir(cfg, out)
-config.set_threads(cfg.get("threads", 1))
+ch = chapter.open(profile, out, "07_explore")
+cfg, run = ch.cfg, ch.run
 t0 = time.perf_counter()
 ex = explore.Explorer(cfg, run)
 print(f"explorer ready in {time.perf_counter() - t0:.1f} s: {len(ex.q_ids):,} queries, "
@@ -60,13 +60,14 @@ print(f"explorer ready in {time.perf_counter() - t0:.1f} s: {len(ex.q_ids):,} qu
 # 16 questions once per query or upload, so the first pick of a query takes longer than a change
 # of method, attribute or k. In the book the controls are not built (no kernel could answer them).
 
-# %%
+# %% tags=["hide-input"]
 if live:
     controls = explore.Controls(ex)
     display(controls.widget)
     controls.show()
 else:
-    print("book: the live controls are built when the notebook runs in Jupyter (live=True)")
+    print("book: the live controls are built when the notebook runs in Jupyter "
+          "(live=True)")
 
 # %% [markdown]
 # ## How fast is a pick?
@@ -74,7 +75,7 @@ else:
 # One pick is the search, the percentiles, the model's answer and the thumbnails. A method's first
 # pick also builds its in-memory index over the database; later picks reuse it.
 
-# %%
+# %% tags=["hide-input"]
 times = []
 for m in explore.METHODS:
     spent = []
@@ -82,7 +83,8 @@ for m in explore.METHODS:
         t = time.perf_counter()
         explore.grid_html(ex, explore.pick(ex, q, m, "areaMM2", 5))
         spent.append(time.perf_counter() - t)
-    times.append({"method": study.LABELS[m], "first pick, s (builds the index)": round(spent[0], 3),
+    times.append({"method": study.LABELS[m],
+                  "first pick, s (builds the index)": round(spent[0], 3),
                   "a later pick, s": round(spent[1], 3)})
 display(pd.DataFrame(times))
 
@@ -92,12 +94,15 @@ display(pd.DataFrame(times))
 # Every combination below was computed by the same `Explorer` when the book was built, and is read
 # from the page's own files (no network), the malignancy panel of each query included.
 
-# %%
+# %% tags=["hide-input"]
 if live:
-    print("live: the book's precomputed explorer is written by the book's batch run (live=False)")
+    print("live: the book's precomputed explorer is written by the book's batch run "
+          "(live=False)")
 else:
     t = time.perf_counter()
-    written = explore.write_static(ex, explore.static_dir(run), explore.static_queries(ex, n_static, cfg["seed"]))
-    print(f"precomputed {written['queries']} queries, {written['images']:,} thumbnails, "
+    picks = explore.static_queries(ex, n_static, cfg["seed"])
+    written = explore.write_static(ex, explore.static_dir(run), picks)
+    print(f"precomputed {written['queries']} queries, "
+          f"{written['images']:,} thumbnails, "
           f"{written['bytes'] / 1e6:.2f} MB in {time.perf_counter() - t:.1f} s")
     display(HTML(explore.static_page(written)))

@@ -73,7 +73,7 @@ def vendor(root: Path, cache: Path = NPM_CACHE) -> Path:
 def collect(run: str | Path, dest: Path) -> list[Path]:
     """Copy every stage's executed notebook into `dest`; a missing one is an error naming it."""
     run = Path(run)
-    missing = [s for s in config.STAGE_NAMES if not (config.stage_dir(run, s) / f"{s}.ipynb").exists()]
+    missing = [s for s in config.STAGE_NAMES if not config.executed_notebook_path(run, s).exists()]
     if missing:
         raise FileNotFoundError(f"run folder {run} lacks executed notebooks for stages {', '.join(missing)}; "
                                 f"run `python -m skinlib.run --out {run}` first")
@@ -82,7 +82,7 @@ def collect(run: str | Path, dest: Path) -> list[Path]:
     dest.mkdir(parents=True)
     out = []
     for stage in config.STAGE_NAMES:
-        nb = nbformat.read(config.stage_dir(run, stage) / f"{stage}.ipynb", as_version=4)
+        nb = nbformat.read(config.executed_notebook_path(run, stage), as_version=4)
         for cell in nb.cells:
             tags = cell.metadata.setdefault("tags", [])
             if "injected-parameters" in tags:
