@@ -17,26 +17,26 @@
 # one machine, by a command in `bench/` that appends its rows to `bench/results.csv` (read here; the
 # newest row of each benchmark is shown). The second part is this run's own wall time per stage.
 
-# %% tags=["parameters"]
+# %% tags=["parameters", "hide-input"]
 profile = "default"  # profile name or path to a profile YAML
 out = None  # run folder; default runs/<profile>
 
-# %%
+# %% tags=["hide-input"]
 import json
 
 import matplotlib.pyplot as plt
 import pandas as pd
 from IPython.display import display
 
-from skinlib import config, figures
+from skinlib import chapter, config, figures
 
 GOAL_S = 600   # the main job's goal on two cores (bench/main_job.py)
 
-cfg = config.load_profile(profile)
-run = config.run_dir(cfg, out)
+ch = chapter.open(profile, out, "08_performance")
+run = ch.run
 results = config.REPO_ROOT / "bench" / "results.csv"
 bench = pd.read_csv(results) if results.exists() else pd.DataFrame()
-print(f"{len(bench)} rows in {results.relative_to(config.REPO_ROOT)}")
+print(f"{len(bench)} rows in {config.shown(results)}")
 
 # %% [markdown]
 # ## The benchmarks
@@ -50,7 +50,7 @@ print(f"{len(bench)} rows in {results.relative_to(config.REPO_ROOT)}")
 # `bench/scale.py` (extraction and evaluation at N = 50,000 vs 5,000: peak memory and time).
 # Run any of them with `.venv/bin/python bench/<name>.py`.
 
-# %%
+# %% tags=["hide-input"]
 if len(bench):
     fig = figures.benchmark_ratios(bench)
     plt.show()
@@ -60,12 +60,14 @@ else:
 # %% [markdown]
 # The sizes behind each bar (the problem size, memory and recall where they apply) and the machine:
 
-# %%
+# %% tags=["hide-input"]
 if len(bench):
     latest = bench.groupby("benchmark", sort=False).tail(1)
+    shown = latest[["benchmark", "size", "baseline_s", "ours_s", "ratio"]]
     with pd.option_context("display.max_colwidth", 200):
-        display(latest[["benchmark", "size", "baseline_s", "ours_s", "ratio"]].reset_index(drop=True))
-    print("machine:", latest.machine.iloc[-1], "| dates:", ", ".join(sorted(set(latest.date))))
+        display(shown.reset_index(drop=True))
+    print("machine:", latest.machine.iloc[-1],
+          "| dates:", ", ".join(sorted(set(latest.date))))
 
 # %% [markdown]
 # ## This run, stage by stage
@@ -78,10 +80,12 @@ rows = []
 for stage in config.STAGE_NAMES:
     stamp = config.stage_stamp_path(run, stage)
     if stamp.exists():
-        rows.append({"stage": stage, "seconds": json.loads(stamp.read_text())["seconds"]})
+        seconds = json.loads(stamp.read_text())["seconds"]
+        rows.append({"stage": stage, "seconds": seconds})
 stages = pd.DataFrame(rows)
 if len(stages):
     fig = figures.stage_shares(stages, goal_s=GOAL_S)
     plt.show()
     total = stages.seconds.sum()
-    print(f"total of the stages above: {total / 60:.1f} min (goal: {GOAL_S / 60:.0f} min)")
+    print(f"total of the stages above: {total / 60:.1f} min "
+          f"(goal: {GOAL_S / 60:.0f} min)")

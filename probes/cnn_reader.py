@@ -6,8 +6,8 @@ only the W drawn per image), with random quarter-turns and flips, and scored on 
 images: at the model's 112 x 112 (bicubic, as the image processor resizes) or at the crop's own
 pixels (centred on a 160 x 160 canvas). Needs `make book` to have written runs/default first.
 
-    .venv/bin/python probes/cnn_reader.py 112 14      # resolution, epochs (about 7 min here)
-    .venv/bin/python probes/cnn_reader.py native 14   # about 20 min here
+    .venv/bin/python probes/cnn_reader.py 112 14      # resolution, epochs
+    .venv/bin/python probes/cnn_reader.py native 14
 """
 import sys, io, time
 import numpy as np, pandas as pd, torch, h5py

@@ -59,12 +59,11 @@ class Attribute:
         and then ("5.5" for 50.67), and one such miss wrecks R². A fixed width makes every digit
         mean the same place. The width is the digit count of the attribute's typical values (not
         of its maximum), so the first digit still varies between lesions: the last prompt token,
-        whose state is the embedding h_im,a, must predict something informative. Measured: writing
-        the two diameters with two integer digits ("08.72") ended their width slips ("11.09" for
-        8.72; long-diameter R² 0.64 -> 0.72 in one full default run) but cost h_im,a its edge over
-        h_im in retrieval for exactly those two attributes (median percentile 24.2 -> 30.1 for the
-        long diameter, against 27.2 image-only). The default instead holds greedy replies to the
-        training answers' shape (`answer_format`), which stops the slips that leave that shape."""
+        whose state is the embedding h_im,a, must predict something informative. Padding to a
+        wider width (two integer digits for the diameters, "08.72") would end width slips but
+        makes the first digit nearly constant, so h_im,a learns little from it; the default
+        instead holds greedy replies to the training answers' shape (`answer_format`), which
+        stops the slips that leave that shape."""
         if value is None or not math.isfinite(value):
             raise ValueError(f"attribute {self.name!r}: cannot write non-finite value {value!r} as an answer")
         value = self.answer_sign * value

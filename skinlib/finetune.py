@@ -308,9 +308,10 @@ def launch(cfg: dict, run_dir, processes: int, progress: bool = True) -> None:
 
     Data parallelism through accelerate's own launcher (torchrun underneath): N GPUs on a GPU
     machine, N gloo processes on CPU cores (`run` asks for cpu=True when torch sees no GPU). The
-    tiny default trains 1.46x faster as 2 one-thread processes than as one process on 2 threads
-    (bench/processes.py). The profile, with the notebook's overrides, is handed over as a YAML file
-    in the stage folder; the output is streamed so the progress bar shows in the notebook.
+    tiny default trains faster as 2 one-thread processes than as one process on 2 threads
+    (bench/processes.py; its row in bench/results.csv). The profile, with the notebook's
+    overrides, is handed over as a YAML file in the stage folder; the output is streamed so the
+    progress bar shows in the notebook.
     """
     import yaml
 
