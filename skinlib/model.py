@@ -154,8 +154,33 @@ def load(name_or_path, dtype=None, device=None, attn_implementation=None,
         str(name_or_path), dtype=dtype, attn_implementation=attn_implementation, use_safetensors=True,
         trust_remote_code=False)
     model.to(device).eval()
+    patch_embed_as_linear(model)
     tokenizer, image_processor = load_processors(name_or_path, min_pixels, max_pixels)
     return Loaded(model, tokenizer, image_processor)
+
+
+def patch_embed_as_linear(model) -> None:
+    """Run the vision tower's patch embedding as the matrix product it is, in place.
+
+    Qwen2-VL embeds each flattened patch (channels x 2 frames x 14 x 14 values) with a Conv3d whose
+    kernel equals its stride: one output per patch, i.e. a linear map of the flattened patch. On the
+    CPU, oneDNN's Conv3d takes several times as long as the same product (bench/patch_embed.py),
+    and the embedding runs for every image of every training step and generate call. The weights
+    stay the Conv3d's own (saved, loaded and excluded from LoRA as before); only the forward
+    changes, to `F.linear` over the same numbers in the same order (float rounding aside)."""
+    visual = getattr(getattr(model, "model", model), "visual", None)
+    embed = getattr(visual, "patch_embed", None)
+    conv = getattr(embed, "proj", None)
+    if not isinstance(conv, torch.nn.Conv3d) or tuple(conv.kernel_size) != tuple(conv.stride) \
+            or conv.groups != 1 or tuple(conv.padding) != (0, 0, 0):
+        return   # another layout: leave it as it is
+
+    def forward(hidden_states: torch.Tensor) -> torch.Tensor:
+        w = conv.weight
+        return torch.nn.functional.linear(hidden_states.to(w.dtype).reshape(-1, w[0].numel()),
+                                          w.reshape(w.shape[0], -1), conv.bias)
+
+    embed.forward = forward
 
 
 def load_processors(name_or_path, min_pixels: int | None = None, max_pixels: int | None = None):

@@ -101,6 +101,7 @@ def test_build_then_load_gives_identical_logits(tiny):
 
     torch.manual_seed(0)
     fresh = Qwen2VLForConditionalGeneration(M.tiny_config(build_tokenizer())).eval()
+    M.patch_embed_as_linear(fresh)   # as load() runs it: the same products, bit for bit
     b = batch(tiny, n=2, answers=False)
     assert torch.equal(fresh(**b).logits, tiny.model(**b).logits)
 
@@ -171,3 +172,24 @@ def test_full_fine_tuning_lowers_the_loss(tiny_dir):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_the_patch_embedding_runs_as_a_linear_map_with_the_conv3d_result_and_weights(tmp_path):
+    import torch
+
+    from skinlib import model as models
+
+    loaded = models.load(models.build_tiny(tmp_path / "tiny"))
+    embed = loaded.model.model.visual.patch_embed
+    assert "forward" in vars(embed), "load() replaces the Conv3d forward"
+    x = torch.randn(64, embed.proj.weight[0].numel())
+    stock = type(embed).forward(embed, x)           # the class's own Conv3d forward
+    assert torch.allclose(embed(x), stock, atol=1e-5), (embed(x) - stock).abs().max()
+    # gradients reach the Conv3d weight as before
+    embed(x).sum().backward()
+    g_linear = embed.proj.weight.grad.clone()
+    embed.proj.weight.grad = None
+    type(embed).forward(embed, x).sum().backward()
+    assert torch.allclose(g_linear, embed.proj.weight.grad, atol=1e-4)
+    # the saved weights are the Conv3d's: same names and shapes as a stock model's
+    assert embed.proj.weight.ndim == 5 and "model.visual.patch_embed.proj.weight" in loaded.model.state_dict()
