@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from . import attributes, config, model as models, qa, resumable, split, tuples, warmup
+from . import attributes, config, model as models, needs, qa, resumable, split, tuples, warmup
 from .inputs import PACKING, check_packed_attention
 from .train import HISTORY, Settings, train
 
@@ -435,6 +435,8 @@ def main(argv=None) -> int:
     # under accelerate launch the profile's threads are shared by the processes on this machine
     config.set_threads(thread_share(cfg, os.environ.get("LOCAL_WORLD_SIZE", 1)))
     run_dir = config.run_dir(cfg, a.out)
+    # what this and every later stage needs (MONET too), before hours of training
+    needs.exit_if_missing(cfg, needs.from_stage("02_finetune"), run_dir)
     summary = run(cfg, run_dir, progress=not a.quiet)
     if int(os.environ.get("RANK", 0)) == 0:   # shown in the notebook when it launched us: no machine paths
         print(json.dumps(shown_summary(summary, run_dir), indent=1))
