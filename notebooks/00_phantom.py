@@ -126,9 +126,11 @@ fig = figures.image_grid(images, captions, ncols=4)
 
 # %% tags=["hide-input"]
 patients = phantom.plan_patients(400, 0)
-crops = [phantom._draw_image(0, i, p) for i, p in enumerate(patients)]
-order = sorted(range(len(crops)), key=lambda i: -crops[i].nuisance["ita_deg"])
-pick = [crops[order[int(k)]] for k in np.linspace(0, len(order) - 1, n_gallery)]
+# Skin tone is the patient's, known before drawing: pick by ITA, draw only the picks.
+ita = [phantom.make_patient(0, int(p)).ita for p in patients]
+order = sorted(range(len(patients)), key=lambda i: -ita[i])
+chosen = [order[int(k)] for k in np.linspace(0, len(order) - 1, n_gallery)]
+pick = [phantom._draw_image(0, i, patients[i]) for i in chosen]
 fig = figures.image_grid(
     [c.rgb for c in pick],
     [f"type {c.nuisance['fitzpatrick']}, {c.attributes['areaMM2']:.1f} mm²\n"
@@ -144,7 +146,7 @@ fig = figures.image_grid(
 # %% tags=["hide-input"]
 if ch.fixtures.exists():
     real = slice3d.fixture_images(ch.fixtures)
-    ours = crops[:len(real)]
+    ours = [phantom._draw_image(0, i, patients[i]) for i in range(len(real))]
     fig = figures.image_grid(
         [im for _, im in real] + [c.rgb for c in ours],
         [f"real, {im.size[0]} px" for _, im in real]

@@ -8,7 +8,8 @@ _build/html with warnings as errors.
 
 The book is read offline: the scripts Sphinx and myst-nb would take from CDNs (MathJax, require.js,
 the ipywidgets HTML manager) are installed from the npm registry (pinned in VENDOR, kept in
-.cache/npm) and copied into `_vendor/`, which `_config.yml` serves as static files.
+.cache/npm) and copied into `_vendor/`, which `_config.yml` serves as static files, beside the
+book's own stylesheet (book/_static/skinlib.css: code and outputs sized for the page).
 """
 from __future__ import annotations
 

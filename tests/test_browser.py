@@ -1,7 +1,7 @@
 """The rendered book in a real headless Chromium (Debian's `chromium`, driven through Playwright's
 Python client; no browser download): every page loads with no console error, every image loads, no
-request leaves 127.0.0.1, every local link resolves, and the explorer's static selector changes
-what is shown."""
+request leaves 127.0.0.1, every local link resolves, the explorer's static selector changes what is
+shown, and at a 1300 px window an 88-character code line shows whole."""
 from __future__ import annotations
 
 import functools
@@ -231,3 +231,48 @@ def test_the_static_explorer_works_from_the_disk(smoke_book, browser):
                          ".every(i => i.complete && i.naturalWidth > 0)")
     assert not errors and not remote, (errors, remote)
     context.close()
+
+
+WINDOW = {"width": 1300, "height": 3000}   # a laptop's browser window
+MAX_LINE = 88   # the longest code line tests/test_rendered_pages.py lets a chapter keep
+
+# Every code box of the page, each with a copy of itself holding a MAX_LINE-character line added
+# next to it (so the check does not depend on the chapter's own longest line): the boxes that
+# scroll sideways, then whether the page itself does.
+SCROLLING = """n => {
+  document.querySelectorAll('details').forEach(d => d.open = true);
+  const pres = Array.from(document.querySelectorAll('div.cell_input pre'));
+  const probes = pres.map(p => { const c = p.cloneNode(false); c.textContent = 'x'.repeat(n);
+                                 p.after(c); return c; });
+  const wide = p => p.scrollWidth > p.clientWidth;
+  const out = {boxes: pres.length, fonts: [...new Set(pres.map(p => getComputedStyle(p).fontSize))],
+               code: pres.filter(wide).map(p => [p.scrollWidth, p.clientWidth, p.innerText.slice(0, 50)]),
+               probe: probes.filter(wide).map(p => [p.scrollWidth, p.clientWidth]),
+               page: [document.documentElement.scrollWidth, document.documentElement.clientWidth]};
+  probes.forEach(p => p.remove());
+  return out;
+}"""
+
+
+def test_an_88_character_code_line_fits_a_1300_px_window(served, browser):
+    """At a 1300 px window no code box of a chapter scrolls sideways, nor would one holding a line
+    of 88 characters (the book's stylesheet sizes code for it), and no page is wider than the
+    window (wide outputs scroll inside their own box)."""
+    from skinlib import config
+    _, base = served
+    context = browser.new_context(viewport=WINDOW)
+    page = context.new_page()
+    found = {}
+    for stage in config.STAGE_NAMES:
+        page.goto(f"{base}book/run/{stage}.html", wait_until="load")
+        got = page.evaluate(SCROLLING, MAX_LINE)
+        assert got["boxes"] >= 3, f"{stage}: {got['boxes']} code boxes found"
+        problems = [f"code box {w} px wide shows {c} px: {t!r}" for w, c, t in got["code"]]
+        problems += [f"a {MAX_LINE}-character line needs {w} px, its box shows {c} px (font {got['fonts']})"
+                     for w, c in got["probe"][:1]]
+        if got["page"][0] > got["page"][1]:
+            problems.append(f"the page is {got['page'][0]} px wide in a {got['page'][1]} px window")
+        if problems:
+            found[stage] = problems
+    context.close()
+    assert not found, "\n".join(f"{s}: {x}" for s, xs in found.items() for x in xs)
