@@ -1,17 +1,22 @@
-"""Peak host memory of stage 05 (load the vectors, search every method, score), per database vector,
-and what it comes to at the paper's sizes.
+"""Peak host memory of stage 05 (load the vectors, search every method, score), of chapter 6's
+feature loading and of the explorer's searches, per database vector, and what it comes to at the
+paper's sizes.
 
-    .venv/bin/python bench/memory.py [--n 2000 6000] [--queries 200] [--width 3584]
+    .venv/bin/python bench/memory.py [--n 2000 6000] [--queries 200] [--width 3584] [--modes ...]
 
 A synthetic run is written per size: the four extractions of 04_embed in the real shard format
 (float16 safetensors shards, sealed, with their job stamp; random vectors: memory does not depend on
 the values) and the four small arrays (encoder, multi-attribute). Each size is measured in its own
-process (getrusage ru_maxrss, less the process's RSS after its imports): once the way stage 05
-reads now (`study.stored_vectors`: image+text vectors read one attribute at a time from the shards)
-and once the way it read before (every extraction whole, as float32, `study.load_vectors`). The
-database's part grows with N; the slope in bytes per database vector (and per query vector) is
-what the paper-size figure is extrapolated from. The row's baseline_s/ours_s are the two ways'
-wall times at the largest size; the size column gives the peak figures and the extrapolation.
+process (Linux VmHWM, less the process's RSS after its imports), once per mode: "stored", the way
+stage 05 reads now (`study.stored_vectors`: image+text vectors read one attribute at a time from the
+shards), and "whole", the way it read before (every extraction whole, as float32,
+`study.load_vectors`); likewise "features" / "features_whole" for chapter 6 (`study.image_features`:
+h_im and the encoder's vector only) and "explore" / "explore_whole" for the explorer
+(`explore.RunVectors`: one stored query through every method and attribute). The database's part
+grows with N; the slope in bytes per database vector (and per query vector) is what the paper-size
+figure is extrapolated from. With the default modes a row is appended to bench/results.csv: its
+baseline_s/ours_s are the two ways' wall times at the largest size; the size column gives the peak
+figures and the extrapolation.
 """
 from __future__ import annotations
 
@@ -106,44 +111,121 @@ def write_run(run: Path, n_db: int, n_q: int, width: int, shard_size: int = 256,
     return frames
 
 
-def child(run: Path, mode: str, k: int, b: int) -> dict:
-    """Stage 05's vector work in this process: load (`mode` "stored": as now; "whole": as before,
-    every extraction whole in float32), every method, the percentile scoring. Peak RSS above the
-    RSS after the imports."""
-    import faiss  # noqa: F401  (imported before the baseline is taken)
+def _whole_vectors(run: Path) -> tuple[list, list, dict]:
+    """Every extraction whole in float32 (`study.load_vectors`, all 16 attributes): how stage 05,
+    chapter 6 and the explorer read before they streamed."""
+    from skinlib import study
+
+    db_ids, db_vec = study.load_vectors(run, "tuned_db")
+    q_ids, q_vec = study.load_vectors(run, "tuned_queries")
+    return db_ids, q_ids, {
+        "db_image": db_vec["image"], "q_image": q_vec["image"],
+        "db_image_text": db_vec["image_text"], "q_image_text": q_vec["image_text"],
+        "db_untuned": study.load_vectors(run, "untuned_db")[1]["image"],
+        "q_untuned": study.load_vectors(run, "untuned_queries")[1]["image"],
+        "db_encoder": study.load_array(run, "encoder_db"), "q_encoder": study.load_array(run, "encoder_queries"),
+        "db_multi": study.load_array(run, "multi_db"), "q_multi": study.load_array(run, "multi_queries")}
+
+
+def _stage05(run: Path, mode: str, k: int, b: int, peaks: dict, values) -> tuple[list, list, int]:
+    """Stage 05: load ("stored": as now, `study.stored_vectors`; "whole": as before), every
+    method, the percentile scoring (of the attribute frame `values`)."""
     import numpy as np
-    import pandas as pd
 
     from skinlib import evaluate, study
 
-    values = pd.read_parquet(run / "values.parquet")
-    import gc
-
-    gc.collect()
-    base = resident_bytes()
-    t0 = time.perf_counter()
-    if mode == "stored":
-        db_ids, q_ids, vec = study.stored_vectors(run)
-    elif mode == "whole":  # notebook 05 before: load_vectors (float32, all 16 attributes) for each extraction
-        db_ids, db_vec = study.load_vectors(run, "tuned_db")
-        q_ids, q_vec = study.load_vectors(run, "tuned_queries")
-        vec = {"db_image": db_vec["image"], "q_image": q_vec["image"],
-               "db_image_text": db_vec["image_text"], "q_image_text": q_vec["image_text"],
-               "db_untuned": study.load_vectors(run, "untuned_db")[1]["image"],
-               "q_untuned": study.load_vectors(run, "untuned_queries")[1]["image"],
-               "db_encoder": study.load_array(run, "encoder_db"), "q_encoder": study.load_array(run, "encoder_queries"),
-               "db_multi": study.load_array(run, "multi_db"), "q_multi": study.load_array(run, "multi_queries")}
-    else:
-        raise ValueError(f"mode {mode!r}: stored or whole")
-    loaded = peak_bytes()
+    db_ids, q_ids, vec = study.stored_vectors(run) if mode == "stored" else _whole_vectors(run)
+    peaks["after_load"] = peak_bytes()
     results, cost = study.run_methods(db_ids, q_ids, vec, k=k, b=b, multi_names=["areaMM2", "Bext"], progress=False)
-    searched = peak_bytes()
+    peaks["after_search"] = peak_bytes()
     by_id = values.set_index("isic_id")
     long = study.score(results, by_id.loc[db_ids].reset_index(), by_id.loc[q_ids].reset_index())
     evaluate.summary(long)
+    return db_ids, q_ids, sum(np.asarray(r).size for r in results.values())
+
+
+def _features(run: Path, mode: str, peaks: dict) -> tuple[list, list, int]:
+    """Chapter 6's embedding features of every database and query image ("features": as now,
+    `study.image_features`; "features_whole": as the chapter read before, every extraction whole
+    in float32, then its rows in the probes' order)."""
+    from skinlib import study
+
+    if mode == "features":
+        db_ids = study.open_vectors(run, "tuned_db").ids
+        q_ids = study.open_vectors(run, "tuned_queries").ids
+        got = study.image_features(run, db_ids, q_ids)
+    else:
+        got = {}
+        for tag in ("tuned", "untuned"):
+            db_ids, db = study.load_vectors(run, f"{tag}_db")
+            q_ids, q = study.load_vectors(run, f"{tag}_queries")
+            got[tag] = (db["image"][list(range(len(db_ids)))], q["image"][list(range(len(q_ids)))])
+            del db, q
+        got["encoder"] = (study.load_array(run, "encoder_db"), study.load_array(run, "encoder_queries"))
+    peaks["after_load"] = peaks["after_search"] = peak_bytes()
+    return db_ids, q_ids, sum(a.shape[0] for pair in got.values() for a in pair)
+
+
+def _explore(run: Path, mode: str, k: int, b: int, peaks: dict) -> tuple[list, list, int]:
+    """The explorer's searches: one stored query through every method and, for the methods that
+    ask one, every attribute ("explore": as now, `explore.RunVectors`; "explore_whole": as the
+    explorer held them before, every extraction whole in float32 and every index it built kept)."""
+    from skinlib import attributes, explore, study
+
+    names = list(attributes.NAMES)
+    picks = [(m, j, a) for m in explore.METHODS
+             for j, a in (enumerate(names[:1]) if m in explore.IMAGE_ONLY else enumerate(names))]
+    n = 0
+    if mode == "explore":
+        v = explore.RunVectors(run)
+        db_ids, q_ids = v.db_ids, v.q_ids
+        peaks["after_load"] = peak_bytes()
+        for m, j, a in picks:
+            n += v.top(m, j, a, v.stored([q_ids[0]], j, explore.explorer.NEEDS[m]), k, b=b)[0].size
+    else:
+        db_ids, q_ids, vec = _whole_vectors(run)
+        peaks["after_load"] = peak_bytes()
+        kept = {}   # every index a pick built, as the explorer kept them
+        for m, j, a in picks:
+            key = {"image_text": "image_text", "hierarchical": "image"}.get(m, explore.explorer.INDEX_KEY.get(m))
+            at = j if key == "image_text" else None
+            if (key, at) not in kept:
+                kept[(key, at)] = study.flat(vec[f"db_{key}"] if at is None else vec[f"db_{key}"][:, at], db_ids)
+            n += 1
+    peaks["after_search"] = peak_bytes()
+    return db_ids, q_ids, n
+
+
+def child(run: Path, mode: str, k: int, b: int) -> dict:
+    """One piece of vector work in this process, by `mode`: stage 05's ("stored" as now, "whole"
+    as before), chapter 6's feature loading ("features", "features_whole"), the explorer's
+    searches ("explore", "explore_whole"). Peak RSS above the RSS after the imports."""
+    import gc
+
+    import faiss  # noqa: F401  (imported before the baseline is taken)
+    import numpy as np  # noqa: F401
+    import pandas as pd
+
+    from skinlib import evaluate, explore, study  # noqa: F401
+
+    # read before the baseline: the frame is the scoring's input, and the first read_parquet
+    # loads pyarrow's libraries (tens of MB that are not the vector work)
+    values = pd.read_parquet(run / "values.parquet")
+    gc.collect()
+    base = resident_bytes()
+    t0 = time.perf_counter()
+    peaks: dict = {}
+    if mode in ("stored", "whole"):
+        db_ids, q_ids, n = _stage05(run, mode, k, b, peaks, values)
+    elif mode in ("features", "features_whole"):
+        db_ids, q_ids, n = _features(run, mode, peaks)
+    elif mode in ("explore", "explore_whole"):
+        db_ids, q_ids, n = _explore(run, mode, k, b, peaks)
+    else:
+        raise ValueError(f"mode {mode!r}: stored, whole, features, features_whole, explore or explore_whole")
     return {"mode": mode, "n_db": len(db_ids), "n_q": len(q_ids), "seconds": time.perf_counter() - t0,
-            "base": base, "after_load": loaded - base, "after_search": searched - base, "peak": peak_bytes() - base,
-            "n_results": int(sum(np.asarray(r).size for r in results.values()))}
+            "base": base, "after_load": peaks["after_load"] - base, "after_search": peaks["after_search"] - base,
+            "peak": peak_bytes() - base, "n_results": int(n)}
 
 
 def measure(run: Path, mode: str, k: int = 5, b: int = 200, env: dict | None = None) -> dict:

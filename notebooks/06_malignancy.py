@@ -70,36 +70,12 @@ display(manifest.groupby("split").agg(images=("isic_id", "size"),
 train = manifest[manifest.split == "train"].reset_index(drop=True)
 # the headline reading
 pred = pd.read_csv(config.reading_path(run, cfg["predict"]["reading"]))
-q_ids, tuned_q = study.load_vectors(run, "tuned_queries")
+q_ids = study.open_vectors(run, "tuned_queries").ids   # the ids only: no vector is read
 scored = [i for i in q_ids if i in set(pred.isic_id)]
 test = manifest.set_index("isic_id").loc[scored].reset_index()
 print(f"training images: {len(train):,} ({train.target.sum()} malignant); "
       f"test images scored: {len(test):,} ({test.target.sum()} malignant, "
       f"{test.patient_id.nunique()} patients) of {len(ch.test):,} in the test split")
-
-
-def rows(ids, wanted):
-    """Positions in `ids` of the `wanted` ids."""
-    pos = {i: n for n, i in enumerate(ids)}
-    return [pos[i] for i in wanted]
-
-
-def vectors(which):
-    """(training, test) arrays of one extraction, rows in `train` / `test` order."""
-    ids_db, db = study.load_vectors(run, f"{which}_db")
-    ids_q, q = study.load_vectors(run, f"{which}_queries")
-    return (db["image"][rows(ids_db, train.isic_id)],
-            q["image"][rows(ids_q, test.isic_id)])
-
-
-def encoder_vectors():
-    # saved by chapter 4 in the order of the training split and of queries.csv
-    db_ids = ch.train.isic_id.tolist()
-    q_csv = pd.read_csv(config.queries_path(run)).isic_id.tolist()
-    db = study.load_array(run, "encoder_db")
-    q = study.load_array(run, "encoder_queries")
-    return db[rows(db_ids, train.isic_id)], q[rows(q_csv, test.isic_id)]
-
 
 true_train = malignancy.attribute_matrix(train, train.isic_id)
 true_test = malignancy.attribute_matrix(test, test.isic_id)
@@ -110,11 +86,13 @@ print(f"predicted attributes: {n_unread} of {pred_test.size} values missing "
       "(n_imputed_test)")
 
 if test.target.nunique() == 2:
+    # h_im (fine-tuned, untuned) and the encoder's vector, read shard by shard as
+    # float32: the 16 image+text vectors per image are not read
+    vec = study.image_features(run, train.isic_id, test.isic_id)
     sets = malignancy.feature_sets(
         true_train=true_train, true_test=true_test, predicted_test=pred_test,
-        embeddings={"h_im fine-tuned": vectors("tuned"),
-                    "h_im untuned": vectors("untuned"),
-                    "baseline encoder": encoder_vectors()})
+        embeddings={"h_im fine-tuned": vec["tuned"], "h_im untuned": vec["untuned"],
+                    "baseline encoder": vec["encoder"]})
 else:
     # too few test images were asked for both classes to be among them (a small
     # profile): only the true attributes can be scored, on the whole test split

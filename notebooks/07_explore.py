@@ -73,7 +73,11 @@ else:
 # ## How fast is a pick?
 #
 # One pick is the search, the percentiles, the model's answer and the thumbnails. A method's first
-# pick also builds its in-memory index over the database; later picks reuse it.
+# pick also builds its index over the database from the stored vectors; later picks reuse it. The
+# explorer reads only what it shows: a query's own vectors are read from the shards when it is
+# picked, and of method (a)'s per-attribute indexes only the last attribute's is kept (at the
+# paper's size each is 4 GB), so a change of attribute rebuilds it. `explore.RunVectors` says
+# what it holds at the paper's size.
 
 # %% tags=["hide-input"]
 times = []

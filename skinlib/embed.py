@@ -426,7 +426,9 @@ class StoredEmbeddings:
 
     `read(kind)` gives a whole kind; `read("image_text", attribute=j)` (or `attribute(j)`) gives the
     (n, d) vectors of attribute j, sliced out of each shard by safetensors (memory-mapped, only
-    that attribute's rows copied), so the caller holds 1/Q of the image+text array at a time."""
+    that attribute's rows copied), so the caller holds 1/Q of the image+text array at a time;
+    `read(kind, ids=...)` gives only some images' rows (a query's, a few candidates'), and
+    reading "image" never touches the image+text block of a shard."""
 
     def __init__(self, folder: Path, spec: dict, rows: list[int]):
         from safetensors import safe_open
@@ -454,9 +456,21 @@ class StoredEmbeddings:
         inner = self._shapes[kind]
         return (self.n, *(inner if attribute is None else inner[1:]))
 
-    def read(self, kind: str, attribute: int | None = None, dtype=np.float16) -> np.ndarray:
+    def position(self, ids) -> np.ndarray:
+        """Positions in `ids` order of these images; one this job does not hold is named."""
+        if not hasattr(self, "_pos"):
+            self._pos = {i: n for n, i in enumerate(self.ids)}
+        ids = [str(i) for i in ids]
+        lacking = [i for i in ids if i not in self._pos]
+        if lacking:
+            raise KeyError(f"{self.folder}: no vectors for {len(lacking)} image(s), e.g. {lacking[:3]}")
+        return np.fromiter((self._pos[i] for i in ids), dtype=np.int64, count=len(ids))
+
+    def read(self, kind: str, attribute: int | None = None, dtype=np.float16, ids=None) -> np.ndarray:
         """All n rows of `kind` (or of one image+text attribute, by position in `names`) as one
-        array of `dtype`, filled shard by shard."""
+        array of `dtype`, filled shard by shard; with `ids`, only those images' rows, in that
+        order (only the shards that hold them are opened, and in each only the span they lie in
+        is copied). Either way the peak is the result plus one shard's span."""
         from safetensors import safe_open
 
         if kind not in self.kinds:
@@ -466,18 +480,32 @@ class StoredEmbeddings:
                 raise ValueError(f"{kind!r} vectors have no attribute axis")
             if not 0 <= attribute < len(self.names):
                 raise IndexError(f"attribute {attribute} outside the job's {len(self.names)} attributes")
-        out = np.empty(self.shape(kind, attribute), dtype=dtype)
-        at = 0
-        for s, n in enumerate(self.rows):
-            with safe_open(str(_shard_path(self.folder, s)), framework="np") as f:
-                part = f.get_slice(kind)
-                out[at:at + n] = part[:, attribute] if attribute is not None else part[:]
-            at += n
+        pick = (lambda part, lo, hi: part[lo:hi]) if attribute is None else \
+            (lambda part, lo, hi: part[lo:hi, attribute])
+        if ids is None:
+            out = np.empty(self.shape(kind, attribute), dtype=dtype)
+            at = 0
+            for s, n in enumerate(self.rows):
+                with safe_open(str(_shard_path(self.folder, s)), framework="np") as f:
+                    out[at:at + n] = pick(f.get_slice(kind), 0, n)
+                at += n
+            return out
+        want = self.position(ids)
+        out = np.empty((len(want), *self.shape(kind, attribute)[1:]), dtype=dtype)
+        order = np.argsort(want, kind="stable")
+        starts = np.cumsum([0, *self.rows])
+        cuts = np.searchsorted(want[order], starts)
+        for s in np.flatnonzero(np.diff(cuts)):   # the shards holding a wanted row
+            dest = order[cuts[s]:cuts[s + 1]]
+            local = want[dest] - starts[s]
+            lo, hi = int(local.min()), int(local.max()) + 1
+            with safe_open(str(_shard_path(self.folder, int(s))), framework="np") as f:
+                out[dest] = pick(f.get_slice(kind), lo, hi)[local - lo]
         return out
 
-    def attribute(self, j: int, dtype=np.float16) -> np.ndarray:
-        """h_im,a of attribute j (position in `names`) for every image: (n, d)."""
-        return self.read("image_text", attribute=j, dtype=dtype)
+    def attribute(self, j: int, dtype=np.float16, ids=None) -> np.ndarray:
+        """h_im,a of attribute j (position in `names`) for every image, (n, d), or for `ids`."""
+        return self.read("image_text", attribute=j, dtype=dtype, ids=ids)
 
 
 def open_embeddings(out_dir) -> StoredEmbeddings:

@@ -185,9 +185,94 @@ def pca2(x: np.ndarray) -> np.ndarray:
 
 
 def load_vectors(run, which: str) -> tuple[list[str], dict]:
-    """Embeddings of one extraction (config.embeddings_dir(run, which)) as float32."""
+    """Embeddings of one extraction (config.embeddings_dir(run, which)) as float32, every kind
+    whole: at the paper's size the fine-tuned database's alone is 65 GB. For small runs and
+    tests; the chapters read what they use (`stored_vectors`, `column`, `image_features`)."""
     ids, arrays = embed.load_embeddings(config.embeddings_dir(run, which), dtype=np.float32)
     return ids, arrays
+
+
+def open_vectors(run, which: str) -> embed.StoredEmbeddings:
+    """A finished extraction of 04_embed (e.g. "tuned_db"), checked, for reading in pieces."""
+    return embed.open_embeddings(config.embeddings_dir(run, which))
+
+
+class Column:
+    """One stored vector per image, read whole or for some images, as `dtype`, in bounded memory:
+    `kind` of an extraction (`embed.StoredEmbeddings`: "image" never touches the image+text
+    block; "image_text" is read one attribute at a time, the attribute given to `read`, or the
+    only one of a one-question job such as method (f)'s), or an array `save_array` wrote
+    (memory-mapped .npy, its rows the images `ids`). ids: the images the rows must be."""
+
+    def __init__(self, source, kind: str = "image", ids=None):
+        want = None if ids is None else [str(i) for i in ids]
+        if isinstance(source, embed.StoredEmbeddings):
+            if kind not in source.kinds:
+                raise KeyError(f"{source.folder}: no {kind!r} vectors (this job stored {list(source.kinds)})")
+            self.stored, self.kind, self.where = source, kind, source.folder
+            self.ids = list(source.ids)
+            if want is not None and self.ids != want:
+                raise ValueError(f"{source.folder}: holds other images than the database/queries; rerun 04_embed")
+            self.width = source.shape(kind)[-1]
+        else:
+            self.stored, self.kind, self.where = None, None, Path(source)
+            self.array = np.load(self.where, mmap_mode="r", allow_pickle=False)
+            if self.array.ndim != 2 or (want is not None and len(want) != len(self.array)):
+                raise ValueError(f"{self.where}: shape {self.array.shape}, expected ({len(want or [])}, d): "
+                                 "not the database/queries' vectors; rerun 04_embed")
+            self.ids, self.width = want, self.array.shape[1]
+            self._pos = None if want is None else {i: n for n, i in enumerate(want)}
+
+    def read(self, ids=None, dtype=np.float16, attribute: int | None = None) -> np.ndarray:
+        """Every image's vector, or those of `ids` in that order: (n, width) of `dtype`."""
+        if self.stored is not None:
+            if self.kind == "image_text" and attribute is None:
+                if len(self.stored.names) != 1:
+                    raise ValueError(f"{self.where}: {len(self.stored.names)} questions stored; "
+                                     "say which attribute to read")
+                attribute = 0
+            return self.stored.read(self.kind, attribute, dtype=dtype, ids=ids)
+        if attribute is not None:
+            raise ValueError(f"{self.where}: one vector per image, no attribute axis")
+        if ids is None:
+            rows = np.arange(len(self.array))
+        elif self._pos is None:
+            raise ValueError(f"{self.where}: rows not named; give Column the images' ids")
+        else:
+            lacking = [i for i in map(str, ids) if i not in self._pos]
+            if lacking:
+                raise KeyError(f"{self.where}: no vectors for {len(lacking)} image(s), e.g. {lacking[:3]}")
+            rows = np.array([self._pos[str(i)] for i in ids], dtype=np.int64)
+        out = np.empty((len(rows), self.width), dtype=dtype)
+        for s in range(0, len(rows), 8192):   # a block at a time: no float16 copy of the whole
+            out[s:s + 8192] = self.array[rows[s:s + 8192]]
+        return out
+
+
+def column(run, name: str, kind: str = "image", ids=None) -> Column:
+    """The vectors 04_embed stored as `name` as a `Column`: an extraction folder where there is
+    one, else the sealed .npy `save_array` wrote (refused, named, if missing, cut or altered)."""
+    folder = config.embeddings_dir(run, name)
+    if (folder / embed.STAMP).exists():
+        return Column(embed.open_embeddings(folder), kind, ids)
+    return Column(resumable.verified(folder.with_suffix(".npy"), name), kind, ids)
+
+
+def image_features(run, train_ids, test_ids, dtype=np.float32) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Chapter 6's embedding features, {"tuned" | "untuned" | "encoder": (rows of `train_ids`,
+    rows of `test_ids`)}: h_im of the fine-tuned and the untuned model and the baseline encoder's
+    vector, read shard by shard (or from the memory-mapped array) straight into `dtype` arrays.
+    The 16 image+text vectors are never read: the peak is the six results plus one shard. The
+    encoder's arrays are in the order 04_embed extracted (its database and queries)."""
+    tuned = {p: open_vectors(run, f"tuned_{p}") for p in ("db", "queries")}
+    out = {}
+    for tag in ("tuned", "untuned", "encoder"):
+        parts = []
+        for p, ids in (("db", train_ids), ("queries", test_ids)):
+            c = Column(tuned[p], "image") if tag == "tuned" else column(run, f"{tag}_{p}", ids=tuned[p].ids)
+            parts.append(c.read(ids, dtype=dtype))
+        out[tag] = tuple(parts)
+    return out
 
 
 def stored_vectors(run) -> tuple[list[str], list[str], dict]:
@@ -226,40 +311,64 @@ def accelerator():
     return Accelerator(cpu=models.default_device() == "cpu")
 
 
+def free_memory() -> None:
+    """Give back what dropped models held: Python's cycles first, then CUDA's cached blocks
+    (PyTorch's caching allocator keeps a freed model's memory for itself otherwise)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def extract_all(cfg: dict, run, db_ids, q_ids, accelerator=None, progress: bool = True) -> dict:
     """Every vector the retrieval study needs, written under 04_embed/embeddings/: the fine-tuned
-    model's h_im and 16 h_im,a (database and queries), the untuned model's h_im, and the
-    multi-attribute question's vector (f). Each is a sharded `embed.extract` job: resumed where it
+    model's h_im and 16 h_im,a (database and queries), the multi-attribute question's vector (f),
+    and the untuned model's h_im. Each is a sharded `embed.extract` job: resumed where it
     stopped, found finished on a later run (a second run of stage 04 reads the stored vectors),
     and under `accelerate launch -m skinlib.study` split across the processes, each writing its own
-    shards. Returns seconds per extraction; one this call found finished (no shard written) has NaN."""
+    shards. One model is loaded at a time: the fine-tuned one for its jobs, dropped, then the
+    untuned one (at the 7B, 16.6 GB of weights on the device, not two copies). The caller must not
+    hold a model of its own meanwhile (notebook 04 drops its copy first). Returns seconds per
+    extraction; one this call found finished (no shard written) has NaN."""
     from . import finetune, model as models, qa, slice3d
 
     e = cfg["embed"]
     device = accelerator.device if accelerator is not None else models.default_device()
     release = slice3d.Slice3D(*config.release_files(cfg, run), on_error=cfg["data"]["on_error"])
-    tuned = models.load_finetuned(config.finetuned_dir(run), device=device)
-    untuned = models.load(finetune.base_model(cfg, run), device=device, min_pixels=cfg["model"]["min_pixels"],
-                          max_pixels=cfg["model"]["max_pixels"])
     multi = {MULTI: embed.multi_question(e["multi"])}
-    jobs = (("tuned", tuned, ("image", "image_text"), None), ("untuned", untuned, ("image",), None),
-            ("multi", tuned, ("image_text",), multi))
+
+    def load(tag):
+        if tag == "tuned":
+            return models.load_finetuned(config.finetuned_dir(run), device=device)
+        return models.load(finetune.base_model(cfg, run), device=device, min_pixels=cfg["model"]["min_pixels"],
+                           max_pixels=cfg["model"]["max_pixels"])
+
+    # (model, [(extraction, kinds, questions)]): the fine-tuned model's jobs together
+    jobs = (("tuned", (("tuned", ("image", "image_text"), None), ("multi", ("image_text",), multi))),
+            ("untuned", (("untuned", ("image",), None),)))
     timings = {}
-    for tag, loaded, kinds, questions in jobs:
-        for part, ids in (("db", db_ids), ("queries", q_ids)):
-            t0, wall0 = time.perf_counter(), time.time()
-            folder = embed.extract(loaded.model, loaded.tokenizer, loaded.image_processor,
-                                   qa.ImageCache(release, loaded.image_processor, keep=False), list(ids),
-                                   config.embeddings_dir(run, f"{tag}_{part}"), kinds=kinds,
-                                   shard_size=e["shard_size"], batch_size=e["batch_size"],
-                                   model_key="tuned" if loaded is tuned else tag, accelerator=accelerator,
-                                   progress=progress, questions=questions)
-            if questions is not None and (accelerator is None or accelerator.is_main_process):
-                resumable.remove(folder.with_suffix(".npy"))   # the whole array an earlier layout kept
-            # a job found finished (e.g. by `accelerate launch -m skinlib.study`) took no time here;
-            # NaN, not ~0 s, so that a timing table does not read it as the cost of the work
-            fresh = any(f.stat().st_mtime >= wall0 for f in Path(folder).glob(embed.SHARDS))
-            timings[f"{tag}_{part}"] = time.perf_counter() - t0 if fresh else float("nan")
+    for model_key, extractions in jobs:
+        loaded = load(model_key)
+        for tag, kinds, questions in extractions:
+            for part, ids in (("db", db_ids), ("queries", q_ids)):
+                t0, wall0 = time.perf_counter(), time.time()
+                folder = embed.extract(loaded.model, loaded.tokenizer, loaded.image_processor,
+                                       qa.ImageCache(release, loaded.image_processor, keep=False), list(ids),
+                                       config.embeddings_dir(run, f"{tag}_{part}"), kinds=kinds,
+                                       shard_size=e["shard_size"], batch_size=e["batch_size"],
+                                       model_key=model_key, accelerator=accelerator,
+                                       progress=progress, questions=questions)
+                if questions is not None and (accelerator is None or accelerator.is_main_process):
+                    resumable.remove(folder.with_suffix(".npy"))   # the whole array an earlier layout kept
+                # a job found finished (e.g. by `accelerate launch -m skinlib.study`) took no time
+                # here; NaN, not ~0 s, so that a timing table does not read it as the cost of the work
+                fresh = any(f.stat().st_mtime >= wall0 for f in Path(folder).glob(embed.SHARDS))
+                timings[f"{tag}_{part}"] = time.perf_counter() - t0 if fresh else float("nan")
+        del loaded
+        free_memory()   # before the next model is loaded
     return timings
 
 

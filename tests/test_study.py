@@ -309,3 +309,52 @@ def test_the_launched_stages_leave_what_the_notebooks_then_only_read(mini_run):
     np.testing.assert_allclose(stored, direct["image_text"][:, 0].numpy(), rtol=1e-3, atol=1e-3)  # float16
     with pytest.raises(ValueError, match="other images"):
         study.load_array(run, "multi_db", ids=q.isic_id)
+
+
+
+def test_extraction_holds_one_model_at_a_time(mini_run, tmp_path, monkeypatch):
+    """At the 7B every model is 16.6 GB on the device: `extract_all` loads the fine-tuned model for
+    its extractions and drops it before the untuned one is loaded (watched with weak references
+    to every model the real loaders returned), keeps none after, and still stores every vector."""
+    import gc
+    import shutil
+    import weakref
+
+    import numpy as np
+
+    from skinlib import config, embed, finetune, model as mdl, slice3d, split
+
+    run0, _, cfg = mini_run
+    run = tmp_path / "run"
+    shutil.copytree(run0, run, ignore=shutil.ignore_patterns("04_embed"))
+    loaded, alive_at_load = [], []
+
+    def watched(real):
+        def load(*a, **kw):
+            gc.collect()
+            alive_at_load.append(sum(r() is not None for r in loaded))
+            got = real(*a, **kw)
+            loaded.append(weakref.ref(got.model))
+            return got
+        return load
+
+    # load_finetuned calls load itself: its inner load is watched too, which only adds checks
+    monkeypatch.setattr(mdl, "load", watched(mdl.load))
+    monkeypatch.setattr(mdl, "load_finetuned", watched(mdl.load_finetuned))
+    manifest = split.load_manifest(config.manifest_path(run))
+    db, q = manifest[manifest.split == "train"], manifest[manifest.split == "test"]
+    timings = study.extract_all(cfg, run, list(db.isic_id), list(q.isic_id), progress=False)
+    monkeypatch.undo()
+    assert len(alive_at_load) >= 2, alive_at_load
+    assert alive_at_load[-1] == 0, f"models alive at each load (the untuned one last): {alive_at_load}"
+    gc.collect()
+    assert all(r() is None for r in loaded)   # nothing kept after the call either
+    assert set(timings) == {f"{t}_{p}" for t in ("tuned", "untuned", "multi") for p in ("db", "queries")}
+    assert not any(np.isnan(v) for v in timings.values()), timings   # every extraction done here
+    base = mdl.load(finetune.base_model(cfg, run))
+    release = slice3d.Slice3D(*config.release_files(cfg, run))
+    ids = list(q.isic_id[:2])
+    direct = embed.embed(base.model, base.tokenizer, base.image_processor, [release.image(i) for i in ids],
+                         [])["image"].numpy()
+    stored = study.open_vectors(run, "untuned_queries").read("image", dtype=np.float32, ids=ids)
+    np.testing.assert_allclose(stored, direct, rtol=1e-3, atol=1e-3)   # float16

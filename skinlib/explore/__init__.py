@@ -1,10 +1,13 @@
 """The retrieval explorer behind notebooks/07_explore.py: pick a query, a method, an attribute, k.
 
-`Explorer` loads a finished run's vectors once and answers each pick from in-memory flat indexes;
-an uploaded image is embedded on the spot by the model(s) the method needs. `Controls` are the live
-widgets (Jupyter). For the book, where there is no kernel, `write_static` precomputes every
-(query, method, attribute) of a few dozen queries at the largest k into a data file and thumbnails,
-and `static_page` is the plain-JavaScript explorer that reads them (no network, works from file://).
+`Explorer` answers each pick from flat indexes over a finished run's stored vectors, read as the
+picks need them (`RunVectors`: at the paper's size at most 17.1 GB of float32 indexes, never the
+109 GB of every extraction whole); an uploaded image is embedded on the spot by the model(s) the
+method needs, each loaded on first use (the fine-tuned 7B: 16.6 GB on the device). `Controls` are
+the live widgets (Jupyter). For the book, where there is no kernel, `write_static` precomputes
+every (query, method, attribute) of a few dozen queries at the largest k into a data file and
+thumbnails, and `static_page` is the plain-JavaScript explorer that reads them (no network, works
+from file://).
 
     python -m skinlib.explore --profile default     # the live explorer in JupyterLab
 
@@ -13,7 +16,8 @@ the tracked notebooks/07_explore.py.
 
 The modules:
 
-    explorer   `Explorer`: the run's vectors, searches, the model's replies, the probe's reading
+    explorer   `RunVectors`, the run's vectors as read; `Explorer`: searches, the model's replies,
+               the probe's reading
     picks      one pick as plain data; the probe's reading rounded as the panels show it
     markup     a pick as HTML (grid, malignancy panel, thumbnails, stylesheet)
     widgets    `Controls`, the live ipywidgets explorer, and reading an upload
@@ -22,7 +26,7 @@ The modules:
 """
 from __future__ import annotations
 
-from skinlib.explore.explorer import IMAGE_ONLY, K_MAX, METHODS, Explorer
+from skinlib.explore.explorer import IMAGE_ONLY, K_MAX, METHODS, Explorer, RunVectors
 from skinlib.explore.live import LAB_ARGS, NOTEBOOK, SCRATCH, main, missing_run_files, prepare_live
 from skinlib.explore.markup import (CSS, PROBE_NOTE, THUMB_PX, data_uri, grid_html, malignancy_html, pick_html,
                                     thumbnail)
@@ -32,9 +36,9 @@ from skinlib.explore.static import (STATIC_BUDGET, STATIC_JS, STATIC_NAME, STATI
 from skinlib.explore.widgets import BadUpload, Controls, read_upload
 
 __all__ = [
-    "CSS", "IMAGE_ONLY", "K_MAX", "LAB_ARGS", "METHODS", "NOTEBOOK", "PROBE_NOTE", "SCRATCH", "STATIC_BUDGET",
-    "STATIC_JS", "STATIC_NAME", "STATIC_QUERIES", "THUMB_PX", "BadUpload", "Controls", "Explorer", "as_pick",
-    "data_uri", "grid_html", "main", "malignancy_html", "missing_run_files", "pick", "pick_html",
+    "CSS", "IMAGE_ONLY", "K_MAX", "LAB_ARGS", "METHODS", "NOTEBOOK", "PROBE_NOTE", "RunVectors", "SCRATCH",
+    "STATIC_BUDGET", "STATIC_JS", "STATIC_NAME", "STATIC_QUERIES", "THUMB_PX", "BadUpload", "Controls", "Explorer",
+    "as_pick", "data_uri", "grid_html", "main", "malignancy_html", "missing_run_files", "pick", "pick_html",
     "prepare_live", "probe_panel", "read_upload", "static_data", "static_dir", "static_page",
     "static_queries", "thumbnail", "write_static",
 ]

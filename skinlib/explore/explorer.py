@@ -1,6 +1,6 @@
-"""The explorer's data model: `Explorer` loads a finished run's vectors once and answers each
-(query, method, attribute, k) from in-memory flat indexes; a query is a test or database id, or an
-image, embedded on the spot by the model(s) the method needs."""
+"""The explorer's data model: `Explorer` answers each (query, method, attribute, k) from flat
+indexes over a finished run's stored vectors (`RunVectors`); a query is a test or database id, or
+an image, embedded on the spot by the model(s) the method needs."""
 from __future__ import annotations
 
 from functools import cached_property
@@ -15,29 +15,101 @@ METHODS = ("image_text", "hierarchical", "image", "image_untuned", "baseline_enc
 # Methods whose ranking does not depend on the attribute asked (only values and percentiles do).
 IMAGE_ONLY = ("image", "image_untuned", "baseline_encoder", "multi_attribute")
 K_MAX = 10          # the live slider's and the static explorer's largest k
+# the stored vectors each method's query needs (keys of RunVectors.columns)
+NEEDS = {"image_text": ("image_text",), "hierarchical": ("image", "image_text"), "image": ("image",),
+         "image_untuned": ("untuned",), "baseline_encoder": ("encoder",), "multi_attribute": ("multi",)}
+INDEX_KEY = {"image": "image", "image_untuned": "untuned", "baseline_encoder": "encoder",
+             "multi_attribute": "multi"}
+
+
+class RunVectors:
+    """A finished run's vectors as the explorer reads them: only what a pick shows, from the
+    float16 shards (and the encoder's memory-mapped arrays), never every extraction whole.
+
+    Held: the ids; a float32 flat index per image-only vector (h_im fine-tuned and untuned, the
+    encoder's, method (f)'s), built from the database's stored column on its method's first pick
+    and kept; of the per-attribute indexes of method (a) only the last attribute's (another
+    attribute's rebuilds it, reading that attribute's column only). A query's vectors and the
+    hierarchical method's b candidates are read row by row from the shards when a pick needs them.
+    At the paper's size (282,564 database images, 3,584 wide) an index is 4.05 GB (the encoder's,
+    768 wide, 0.87 GB): at most 17.1 GB of host memory with every method asked (on the GPU instead
+    where faiss has one), plus one float16 column, 2.0 GB, while an index is built."""
+
+    def __init__(self, run):
+        tuned = {s: study.open_vectors(run, f"tuned_{p}") for s, p in (("db", "db"), ("q", "queries"))}
+        self.db_ids, self.q_ids = list(tuned["db"].ids), list(tuned["q"].ids)
+        self.columns = {}
+        for s, p in (("db", "db"), ("q", "queries")):
+            ids = tuned[s].ids
+            self.columns[s] = {"image": study.Column(tuned[s], "image"),
+                               "image_text": study.Column(tuned[s], "image_text"),
+                               "untuned": study.column(run, f"untuned_{p}", ids=ids),
+                               "encoder": study.column(run, f"encoder_{p}", ids=ids),
+                               "multi": study.column(run, f"multi_{p}", "image_text", ids=ids)}
+        self.qpos = {i: n for n, i in enumerate(self.q_ids)}
+        self.dbpos = {i: n for n, i in enumerate(self.db_ids)}
+        self._indexes: dict = {}
+
+    def index(self, key: str, j: int | None = None) -> retrieval.FlatIndex:
+        """The flat index over the database's `key` vectors (attribute j of "image_text")."""
+        if (key, j) not in self._indexes:
+            if j is not None:   # one attribute's index at a time: 16 would be 16 copies
+                for old in [k for k in self._indexes if k[1] is not None]:
+                    del self._indexes[old]
+            x = self.columns["db"][key].read(attribute=j)   # float16; the index holds float32
+            self._indexes[(key, j)] = study.flat(x, self.db_ids)
+        return self._indexes[(key, j)]
+
+    def stored(self, ids, j: int, keys) -> dict:
+        """The stored `keys` vectors (float32) of query or database ids, one row per id."""
+        sides = []
+        for i in ids:
+            if i in self.qpos:
+                sides.append("q")
+            elif i in self.dbpos:
+                sides.append("db")
+            else:
+                raise KeyError(f"{i!r} is neither a query nor a database image of this run")
+        return {key: np.concatenate([
+            self.columns[s][key].read([i], np.float32, attribute=j if key == "image_text" else None)
+            for s, i in zip(sides, ids)]) for key in keys}
+
+    def candidates(self, ids, j: int) -> np.ndarray:
+        """h_im,a of attribute j of database ids (the hierarchical method's candidates)."""
+        return self.columns["db"]["image_text"].read(list(ids), np.float32, attribute=j)
+
+    def top(self, method: str, j: int, attribute: str, qv: dict, k: int, exclude=None, b: int = 200):
+        """Top-k database ids and cosines, (Q, k) each, for the stacked query vectors `qv` (the
+        keys NEEDS[method]; attribute `attribute`, position j, where the method asks one)."""
+        if method == "image_text":
+            return self.index("image_text", j).search(qv["image_text"], k, exclude)
+        if method == "hierarchical":
+            return retrieval.hierarchical(self.index("image"), qv["image"], qv["image_text"],
+                                          lambda c, _a: self.candidates(c, j), attribute, k=k,
+                                          b=min(b, len(self.db_ids)), exclude=exclude)
+        if method not in INDEX_KEY:
+            raise KeyError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+        key = INDEX_KEY[method]
+        return self.index(key).search(qv[key], k, exclude)
 
 
 class Explorer:
-    def __init__(self, cfg: dict, run, device=None, probe_path=None):
-        from skinlib import model as models, qa, slice3d
+    """Picks over a finished run (`RunVectors` holds its vectors; see there what that costs).
+    The fine-tuned model is loaded on the first reply or upload (at the 7B, 16.6 GB of weights on
+    the device), the untuned one only for an upload searched by method (d) (another 16.6 GB) and
+    the baseline encoder only for an upload searched by method (e)."""
 
-        self.cfg, self.run = cfg, run
+    def __init__(self, cfg: dict, run, device=None, probe_path=None):
+        from skinlib import slice3d
+
+        self.cfg, self.run, self._device = cfg, run, device
         manifest = split.load_manifest(config.manifest_path(run))
-        self.db_ids, tuned_db = study.load_vectors(run, "tuned_db")
-        self.q_ids, tuned_q = study.load_vectors(run, "tuned_queries")
+        self.vectors = RunVectors(run)
+        self.db_ids, self.q_ids = self.vectors.db_ids, self.vectors.q_ids
         self.values = manifest.set_index("isic_id")
         self.db = self.values.loc[self.db_ids].reset_index()
-        self.vec = {"db_image": tuned_db["image"], "db_image_text": tuned_db["image_text"],
-                    "q_image": tuned_q["image"], "q_image_text": tuned_q["image_text"],
-                    "db_untuned": study.load_vectors(run, "untuned_db")[1]["image"],
-                    "q_untuned": study.load_vectors(run, "untuned_queries")[1]["image"],
-                    "db_encoder": study.load_array(run, "encoder_db"),
-                    "q_encoder": study.load_array(run, "encoder_queries"),
-                    "db_multi": study.load_array(run, "multi_db"), "q_multi": study.load_array(run, "multi_queries")}
         self.multi = list(cfg["embed"]["multi"])
         self.release = slice3d.Slice3D(*config.release_files(cfg, run), on_error=cfg["data"]["on_error"])
-        self.tuned = models.load_finetuned(config.finetuned_dir(run), device=device or models.default_device())
-        self.images = qa.ImageCache(self.release, self.tuned.image_processor, keep=False)
         # the replies are read as chapter 3 reads them: held to the training answers' shapes when
         # the profile constrains decoding
         self.shapes = None
@@ -45,9 +117,6 @@ class Explorer:
             from skinlib import answer_format
             self.shapes = answer_format.shapes(pd.read_parquet(config.tuples_path(run)))
         self.names = list(attributes.NAMES)
-        self._qpos = {i: n for n, i in enumerate(self.q_ids)}
-        self._dbpos = {i: n for n, i in enumerate(self.db_ids)}
-        self._indexes: dict = {}
         # chapter 6's attribute probe; a run without one (no labels to fit it on) still explores
         self.probe_path = Path(probe_path) if probe_path is not None else config.malignancy_probe_path(run)
         self.probe = malignancy.load_probe(self.probe_path) if self.probe_path.exists() else None
@@ -57,35 +126,23 @@ class Explorer:
         labels = self.release.labels()
         self.labels = None if labels is None else labels.set_index("isic_id")[slice3d.TARGET]
 
+    @cached_property
+    def tuned(self):
+        """The fine-tuned model, for the replies and uploads (loaded on the first one)."""
+        from skinlib import model as models
+        return models.load_finetuned(config.finetuned_dir(self.run), device=self._device or models.default_device())
+
+    @cached_property
+    def images(self):
+        from skinlib import qa
+        return qa.ImageCache(self.release, self.tuned.image_processor, keep=False)
+
     # ---------------------------------------------------------------- vectors of queries
-    def _index(self, key: str, j: int | None = None):
-        if (key, j) not in self._indexes:
-            x = self.vec[f"db_{key}"] if j is None else self.vec[f"db_{key}"][:, j]
-            self._indexes[(key, j)] = study.flat(x, self.db_ids)
-        return self._indexes[(key, j)]
-
-    def _stored(self, ids, j: int) -> dict:
-        """The stored vectors of query or database ids, one row per id."""
-        rows = []
-        for i in ids:
-            if i in self._qpos:
-                rows.append(("q", self._qpos[i]))
-            elif i in self._dbpos:
-                rows.append(("db", self._dbpos[i]))
-            else:
-                raise KeyError(f"{i!r} is neither a query nor a database image of this run")
-        v = self.vec
-        return {"image": np.stack([v[f"{s}_image"][n] for s, n in rows]),
-                "image_text": np.stack([v[f"{s}_image_text"][n, j] for s, n in rows]),
-                "untuned": np.stack([v[f"{s}_untuned"][n] for s, n in rows]),
-                "encoder": np.stack([v[f"{s}_encoder"][n] for s, n in rows]),
-                "multi": np.stack([v[f"{s}_multi"][n] for s, n in rows])}
-
     def _exclusions(self, ids):
         """A database image used as a query must not retrieve itself ("" excludes nothing)."""
-        if not any(i in self._dbpos for i in ids):
+        if not any(i in self.vectors.dbpos for i in ids):
             return None
-        return np.array([i if i in self._dbpos else "" for i in ids])
+        return np.array([i if i in self.vectors.dbpos else "" for i in ids])
 
     def _embed_image(self, image, method: str, j: int) -> dict:
         t = self.tuned
@@ -122,20 +179,7 @@ class Explorer:
 
     # ---------------------------------------------------------------- picks
     def _top(self, method: str, j: int, attribute: str, qv: dict, k: int, exclude):
-        """Top-k database ids and cosines, (Q, k) each, for the stacked query vectors `qv`."""
-        if method == "image_text":
-            return self._index("image_text", j).search(qv["image_text"], k, exclude)
-        if method == "hierarchical":
-            pos = self._dbpos
-
-            def candidates(c, _a):
-                return self.vec["db_image_text"][[pos[i] for i in c], j]
-            return retrieval.hierarchical(self._index("image"), qv["image"], qv["image_text"], candidates,
-                                          attribute, k=k, b=min(self.cfg["retrieval"]["b"], len(self.db_ids)),
-                                          exclude=exclude)
-        key = {"image": "image", "image_untuned": "untuned", "baseline_encoder": "encoder",
-               "multi_attribute": "multi"}[method]
-        return self._index(key).search(qv[key], k, exclude)
+        return self.vectors.top(method, j, attribute, qv, k, exclude, b=self.cfg["retrieval"]["b"])
 
     def _check(self, method: str, attribute: str) -> int:
         if method not in METHODS:
@@ -149,7 +193,7 @@ class Explorer:
         the same ranking, whether asked live or precomputed for the book."""
         depth = max(k, min(K_MAX, len(self.db_ids) - 1))
         if isinstance(query, str):
-            qv, exclude = self._stored([query], j), self._exclusions([query])
+            qv, exclude = self.vectors.stored([query], j, NEEDS[method]), self._exclusions([query])
         else:
             qv, exclude = self._embed_image(query, method, j), None
         ids, scores = self._top(method, j, attribute, qv, depth, exclude)
