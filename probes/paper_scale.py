@@ -325,10 +325,15 @@ def table(a, lay: dict, bench: list[dict]) -> list[dict]:
     add("04_embed", f"MONET (CLIP ViT-L/14 image tower): {N_IMAGES:,} images",
         gpu=MONET_PARAMS * 4 / GB + 1, hours=fl(N_IMAGES * 2 * MONET_PARAMS * MONET_TOKENS),
         disk=N_IMAGES * MONET_DIM * 2 / GB, basis="derived from shapes: 304 M parameters, 257 tokens at 224 px")
-    add("04_embed", "as the code stands: peak GPU memory of the stage",
-        gpu=(3 * weights + kv4 + transient) / GB,
-        basis="notebook 04 holds the fine-tuned model for its prefix check while study.extract_all loads "
-              "the fine-tuned and the untuned model: three 7B copies")
+    add("04_embed", "peak GPU memory of the stage: one 7B at a time",
+        gpu=(weights + kv4 + transient) / GB,
+        basis="derived from shapes, as the fine-tuned extraction: notebook 04 drops its prefix check's copy "
+              "and study.extract_all loads the fine-tuned model, then the untuned one in its place "
+              "(tests/test_study.py::test_extraction_holds_one_model_at_a_time)")
+    add("04_embed", "as the code stands: the map and the linear read-outs load the fine-tuned vectors whole (host)",
+        host=N_IMAGES * 17 * c["hidden"] * 4 / GB,
+        basis="derived from shapes: study.load_vectors of the fine-tuned database and queries, all 17 kinds "
+              "in float32, for metrics.readout_table (which takes whole arrays)")
     # 05: host memory from the memory bench, search times from the search bench (CPU) and FLOPs (GPU)
     mem = bench_row(bench, "stage 05 peak memory: whole float32 arrays vs per-attribute streaming")
     d = c["hidden"]
@@ -364,17 +369,22 @@ def table(a, lay: dict, bench: list[dict]) -> list[dict]:
         basis=f"derived from bench row: {pct['ours_s']} s per method at the paper's sizes "
               f"({pct['machine'].split(',')[0]}, {pct['date']}) x 7 methods", cpu=7 * float(pct["ours_s"]) / 3600,
         command="python bench/percentile.py")
-    whole = lambda n: n * 17 * d * 4
-    add("06_malignancy", "as the code stands: study.load_vectors of every extraction in float32 (host)",
-        host=(whole(N_Q) + whole(N_DB) + 2 * N_IMAGES * d * 4) / GB,
-        basis="derived from shapes: the fine-tuned queries and database, all 17 kinds in float32, "
-              "held together with the untuned image vectors; only h_im is used")
-    add("06_malignancy", "reading only h_im (float16) for the probes (host)",
-        host=(3 * N_IMAGES * d * 2 + N_IMAGES * d * 4) / GB,
-        basis="derived from shapes: three embeddings' h_im in float16 + one float32 working copy")
-    add("07_explore", "as the code stands: explore.py loads every extraction whole in float32 and the fine-tuned model",
-        host=(whole(N_Q) + whole(N_DB) + 2 * N_IMAGES * d * 4) / GB, gpu=weights / GB,
-        basis="derived from shapes, as stage 06")
+    features = 2 * N_IMAGES * d * 4 + N_IMAGES * MONET_DIM * 4
+    add("06_malignancy", "the probes' features: h_im fine-tuned and untuned and MONET's vector, float32 (host)",
+        host=(features + 256 * 17 * d * 2) / GB,
+        basis="derived from shapes: study.image_features reads them shard by shard (never the 16 image+text "
+              "vectors) into float32 arrays for every training and scored test image, + one shard; "
+              "tests/test_memory.py holds it to a few widths per image. The probes' fitting copies "
+              "(folds, scaling) of one set at a time come on top")
+    indexes = 3 * N_DB * d * 4 + N_DB * MONET_DIM * 4 + one_index * GB
+    add("07_explore", "explore.RunVectors: float32 indexes of every image-only vector and of one attribute; "
+        "the fine-tuned model once asked",
+        host=(indexes + N_DB * d * 2 + 65_536 * d * 4) / GB, gpu=weights / GB,
+        basis="derived from shapes: the indexes are built from the float16 shards on a method's first pick "
+              "(+ one float16 column and a float32 chunk while one is built; on the GPU instead where faiss "
+              "has one); a query's vectors and the candidates are read from the shards; the untuned model "
+              "(another 16.6 GB) only for an upload searched by method (d); tests/test_memory.py holds the "
+              "searches to a few widths per database image")
     add("08_performance", "reads bench/results.csv", basis="independent of the release's size")
     total_disk = sum(float(r["disk_gb"]) for r in rows if r["disk_gb"])
     total_hours = sum(float(r["gpu_hours"]) for r in rows if r["gpu_hours"] and not r["stage"].startswith("05"))
