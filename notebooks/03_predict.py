@@ -166,6 +166,73 @@ plt.show()
 display(Markdown(metrics.r2_parts_sentence(parts, head, ch.train)))
 
 # %% [markdown]
+# ## How far from the paper's scale
+#
+# Where an attribute is read badly, is that a ceiling of what the pictures hold, or of the
+# miniature's few thousand training images? The paper trained on 282,564. A second reader asks
+# the same pictures: a convolutional network built for them (`probes/cnn_reader.py`, trained from
+# scratch on every attribute of every training image at the model's 112 × 112, scored on the
+# same test rows as the R² above).
+# A side study outside the main job runs the embedded default at other phantom sizes, changing
+# only `data.n_images` (the test fraction stays 0.3), up to this chapter, and trains the CNN
+# reader on each run: `python probes/scale_study.py --sizes 700 3500 --reuse 3500=runs/default`,
+# which writes `probes/results/scale_r2.csv`. Each size scores its own test split (500 test
+# images, or all where the split holds fewer); the first N images of a larger phantom are the
+# N-image phantom, but the patient split is drawn anew, so the test images differ between sizes
+# and the 95% intervals (test patients resampled) say how much that alone can move an R². The
+# median over the attributes is drawn without an interval (the intervals are per attribute).
+# The larger sizes take hours on two cores and are left to the same command with
+# `--sizes 700 3500 10000 30000`.
+
+# %% tags=["hide-input"]
+scale_csv = config.scale_r2_path()
+if not cfg["name"].startswith("default") or not scale_csv.exists():
+    print(f"no scale study for the {cfg['name']!r} profile here: "
+          f"`python probes/scale_study.py --sizes 700 3500 --reuse 3500=runs/default` "
+          f"writes it to {config.shown(scale_csv)}")
+else:
+    who = {"qwen_median": "tiny Qwen2-VL, median reading",
+           "qwen_greedy": "tiny Qwen2-VL, greedy", "cnn": "CNN reader"}
+    rank = {m: k for k, m in enumerate(who)}  # the readers in this order, others after
+    scale = pd.read_csv(scale_csv).sort_values(
+        "model", kind="stable", key=lambda m: m.map(rank).fillna(len(rank)))
+    hard = metrics.scale_hardest(scale, "qwen_" + pcfg["reading"])
+    fig, axes = plt.subplots(1, 1 + len(hard), figsize=(figures.PAGE_WIDTH, 2.8),
+                             sharex=True, sharey=True)
+    for ax, a in zip(axes, [None, *hard]):
+        for model, g in scale.groupby("model", sort=False):
+            if a is None:
+                m = g.groupby("n_train").r2.median()
+                ax.plot(m.index, m.values, "o-", ms=4, label=who.get(model, model))
+                continue
+            r = g[g.attribute == a].sort_values("n_train")
+            ax.errorbar(r.n_train, r.r2, yerr=[r.r2 - r.r2_lo, r.r2_hi - r.r2],
+                        fmt="o-", ms=4, capsize=2)
+        ax.axvline(metrics.PAPER_TRAIN_IMAGES, color="grey", ls=":", lw=1)
+        ax.axhline(0, color="grey", lw=0.5)
+        ax.set(xscale="log", xlim=(300, 6e5), title=a or "R² median, all attributes")
+        ax.title.set_fontsize(9)
+        ax.set_xlabel("training images", fontsize=8)
+    axes[0].set_ylabel("R²")
+    axes[0].text(metrics.PAPER_TRAIN_IMAGES, 0.02, " paper", rotation=90, fontsize=7,
+                 color="grey", ha="right", va="bottom",
+                 transform=axes[0].get_xaxis_transform())
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="upper center", ncol=3,
+               frameon=False, fontsize=8)
+    fig.tight_layout(rect=(0, 0, 1, 0.88))
+    plt.show()
+    display(Markdown(metrics.scale_sentence(scale, who, hard)))
+    kind = scale.model.map(lambda m: "CNN s" if m == "cnn" else "chain s")
+    runs = (scale.assign(kind=kind)
+            .pivot_table(index=["n_train", "n_images", "n_test", "run", "code"],
+                         columns="kind", values="wall_s", aggfunc="first")
+            .reset_index())
+    display(Markdown("Wall time on 2 shared CPU cores, per size (chain: data, "
+                     "fine-tuning and prediction; CNN: loading, training, scoring); "
+                     "`code` is the commit of the checkout that held the run."))
+    display(runs)
+
+# %% [markdown]
 # ## A check by sampling
 #
 # Where the profile asks for it (`predict.sample.k`), each question of the first test images is

@@ -36,7 +36,8 @@ STAGES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
 # Parameters the batch run gives a stage besides profile and out.
 STAGE_PARAMETERS: dict[str, dict] = {"07_explore": {"live": False}}
 # Files besides the data that a stage reads (hashed into its cache key).
-STAGE_INPUTS: dict[str, tuple[str, ...]] = {"05_retrieval": ("probes/results/seed_ordering.csv",),
+STAGE_INPUTS: dict[str, tuple[str, ...]] = {"03_predict": ("probes/results/scale_r2.csv",),
+                                             "05_retrieval": ("probes/results/seed_ordering.csv",),
                                              "08_performance": ("bench/results.csv",)}
 STAGE_NAMES: tuple[str, ...] = tuple(s[0] for s in STAGES)
 
@@ -427,6 +428,11 @@ def malignancy_probe_path(run) -> Path:
 def seed_ordering_path() -> Path:
     """The side study of the ordering across training seeds (probes/seed_study.py), committed."""
     return REPO_ROOT / "probes" / "results" / "seed_ordering.csv"
+
+
+def scale_r2_path() -> Path:
+    """The side study of R² against the number of training images (probes/scale_study.py), committed."""
+    return REPO_ROOT / "probes" / "results" / "scale_r2.csv"
 
 
 def ordering_path(run) -> Path:

@@ -234,3 +234,67 @@ def medians_sentence(table: pd.DataFrame, where: str) -> str:
         r = g.r2.dropna()
         parts.append(f"{name}: R² median {r.median():.2f}, {int((r >= 0.70).sum())} of {len(g)} attributes at 0.70 or more")
     return f"{where}: " + "; ".join(parts) + "."
+
+
+# ---- R² against the number of training images (probes/scale_study.py) -------------------------
+PAPER_TRAIN_IMAGES = 282_564  # the paper's training split (skinlib/split.py)
+
+
+def scale_hardest(table: pd.DataFrame, model: str, k: int = 3) -> list[str]:
+    """The k attributes `model` reads worst at its largest training size in a scale table
+    (n_train, model, attribute, r2, ...)."""
+    g = table[table.model == model]
+    if g.empty:
+        raise KeyError(f"scale table: no rows for model {model!r}; models: {sorted(set(table.model))}")
+    last = g[g.n_train == g.n_train.max()].dropna(subset=["r2"])
+    return last.nsmallest(k, "r2").attribute.tolist()
+
+
+def scale_sentence(table: pd.DataFrame, labels: dict | None = None, hardest=None,
+                   paper_n: int = PAPER_TRAIN_IMAGES) -> str:
+    """A scale table (n_train, model, attribute, r2, r2_lo, r2_hi) in words, per model: the
+    median R² over the attributes at each size and its change per tenfold of training images
+    (a least-squares line on log10 n_train), whether the `hardest` attributes moved beyond their
+    95% intervals between the smallest and the largest size, and, cautiously, what a straight line
+    on the log axis would give at the paper's `paper_n` (a direction, not a forecast)."""
+    labels = labels or {}
+    need = {"n_train", "model", "attribute", "r2", "r2_lo", "r2_hi"}
+    if need - set(table.columns):
+        raise KeyError(f"scale table lacks columns {sorted(need - set(table.columns))}")
+    parts, ahead = [], []
+    for model, g in table.groupby("model", sort=False):
+        name = labels.get(model, model)
+        med = g.groupby("n_train").r2.median()
+        steps = " → ".join(f"{m:.2f} at {n:,}" for n, m in med.items())
+        if len(med) < 2:
+            parts.append(f"{name}: R² median {steps} training images (one size: no trend yet)")
+            continue
+        slope = float(np.polyfit(np.log10(med.index.to_numpy(float)), med.to_numpy(), 1)[0])
+        text = f"{name}: R² median {steps} training images ({slope:+.2f} per tenfold)"
+        first, last = (g[g.n_train == n].set_index("attribute") for n in (med.index[0], med.index[-1]))
+        moves = []
+        for a in (hardest or []):
+            if a not in first.index or a not in last.index:
+                continue
+            f, t = first.loc[a], last.loc[a]
+            how = ("up beyond its intervals" if t.r2_lo > f.r2_hi else
+                   "down beyond its intervals" if t.r2_hi < f.r2_lo else "within its intervals")
+            moves.append(f"{a} {f.r2:.2f} → {t.r2:.2f}, {how}")
+        if moves:
+            text += "; " + "; ".join(moves)
+        parts.append(text)
+        ahead.append((name, float(med.iloc[-1] + slope * np.log10(paper_n / med.index[-1])),
+                      int(med.index[-1]), len(med)))
+    out = ". ".join(parts) + "."
+    if not ahead:
+        return out + (f" With one size there is no trend to carry towards the paper's "
+                      f"{paper_n:,} training images.")
+    top, n_sizes = max(a[2] for a in ahead), min(a[3] for a in ahead)
+    out += (f" The paper trained on {paper_n:,} images, {np.log10(paper_n / top):.1f} decades "
+            f"beyond the largest size here. Carried on as a straight line on the log axis, the "
+            "median would reach " + ", ".join(
+                f"{min(v, 1.0):.2f}{' (capped: R² cannot pass 1)' if v > 1 else ''} for {n}"
+                for n, v, _, _ in ahead)
+            + f" there: a direction, not a forecast, drawn from {n_sizes} sizes; such curves "
+            "flatten as they near what the pictures hold, and nothing measured here says where.")
+    return out
