@@ -379,9 +379,10 @@ def table(a, lay: dict, bench: list[dict]) -> list[dict]:
     indexes = 3 * N_DB * d * 4 + N_DB * MONET_DIM * 4 + one_index * GB
     add("07_explore", "explore.RunVectors: float32 indexes of every image-only vector and of one attribute; "
         "the fine-tuned model once asked",
-        host=(indexes + N_DB * d * 2 + 65_536 * d * 4) / GB, gpu=weights / GB,
+        host=(indexes + N_DB * d * 2 + 2 * 65_536 * d * 4) / GB, gpu=weights / GB,
         basis="derived from shapes: the indexes are built from the float16 shards on a method's first pick "
-              "(+ one float16 column and a float32 chunk while one is built; on the GPU instead where faiss "
+              "(+ one float16 column and two float32 chunks of 65,536 rows while one is built, FlatIndex.add's "
+              "check and add passes; on the GPU instead where faiss "
               "has one); a query's vectors and the candidates are read from the shards; the untuned model "
               "(another 16.6 GB) only for an upload searched by method (d); tests/test_memory.py holds the "
               "searches to a few widths per database image")

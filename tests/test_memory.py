@@ -82,8 +82,9 @@ def test_chapter_6_reads_its_features_in_a_few_widths_and_the_whole_extractions_
 def explore_bound() -> int:
     # the explorer keeps a float32 index per image-only vector (h_im fine-tuned and untuned,
     # method (f)'s: one width each; the encoder's, 1/6) and the last attribute's (one); building
-    # one adds its float16 column and a float32 chunk, and the allocator keeps freed blocks of
-    # this size (about 8 widths measured). None of it grows with the 16 image+text vectors.
+    # one adds its float16 column and two float32 chunks (FlatIndex.add's check and add passes;
+    # at this size a chunk is the whole column), and the allocator keeps some freed blocks of
+    # this size: about 8.6 widths measured. None of it grows with the 16 image+text vectors.
     return 10 * N_DB * WIDTH * 4 + 24 * 2**20
 
 

@@ -33,8 +33,8 @@ class RunVectors:
     hierarchical method's b candidates are read row by row from the shards when a pick needs them.
     At the paper's size (282,564 database images, 3,584 wide) an index is 4.05 GB (the encoder's,
     768 wide, 0.87 GB): at most 17.1 GB of host memory with every method asked (on the GPU instead
-    where faiss has one), plus one float16 column (2.0 GB) and a float32 chunk of it (0.9 GB)
-    while an index is built: 20 GB (probes/paper_scale.py), against 109 GB for every extraction
+    where faiss has one), plus one float16 column (2.0 GB) and two float32 chunks of it (1.9 GB)
+    while an index is built: 21 GB (probes/paper_scale.py), against 109 GB for every extraction
     whole in float32."""
 
     def __init__(self, run):
