@@ -107,8 +107,9 @@ else:
 #
 # One row per feature set: ROC-AUC and the challenge's partial AUC above 80 % true positive rate
 # (0 to 0.2; a random ranking scores 0.02), each with a 95 % interval from resampling test
-# patients; `c` is the regularisation chosen by 5-fold cross-validation over training patients, and
-# the last two columns count the missing values filled with training medians.
+# patients; `c` is the regularisation chosen by cross-validation over training patients in `folds`
+# folds (5, or as many as there are training patients with a malignant lesion where that is fewer),
+# and the last two columns count the missing values filled with training medians.
 
 # %% tags=["hide-input"]
 res = malignancy.run_probes(sets, train, test, n_boot=n_boot, seed=seed)

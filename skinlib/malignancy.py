@@ -40,7 +40,7 @@ N_BOOT = 1000
 LEVEL = 0.95
 MAX_ITER = 5000
 RESULT_COLUMNS = ("features", "auc", "auc_lo", "auc_hi", "pauc", "pauc_lo", "pauc_hi", "n_test",
-                  "n_malignant", "c", "n_imputed_train", "n_imputed_test")
+                  "n_malignant", "c", "folds", "n_imputed_train", "n_imputed_test")
 SCORE_COLUMNS = ("isic_id", "features", "score", "target")
 LABEL_COLUMNS = ("isic_id", "patient_id", "target")
 
@@ -157,6 +157,7 @@ class Probe:
     cv: pd.DataFrame          # c, cv_auc (mean over folds), cv_auc_sd
     converged: bool
     n_imputed_train: int = 0
+    folds: int = FOLDS        # fewer where fewer training patients have a malignant lesion
 
     def standardise(self, x) -> np.ndarray:
         x, _ = impute(x, self.medians)
@@ -240,15 +241,20 @@ def _path_aucs(x_tr, y_tr, x_va, y_va, grid) -> list[float]:
 def choose_c(x, y, groups, grid=C_GRID, folds: int = FOLDS, seed: int = 0) -> tuple[float, pd.DataFrame]:
     """C with the best mean ROC-AUC over patient-grouped stratified folds of (x, y); ties go to the
     smaller C (stronger regularisation). AUC, not pAUC, picks C: on a validation fold of a few
-    dozen malignant lesions the partial area rests on a handful of them."""
+    dozen malignant lesions the partial area rests on a handful of them.
+
+    Every validation fold needs a malignant lesion, so with fewer training patients with one than
+    `folds` (a small release), as many folds as there are such patients, at least 2; the number
+    used is `cv.attrs["folds"]` (and the probe's `folds`), shown beside C."""
     from sklearn.model_selection import StratifiedGroupKFold
 
     y = _labels(y, "choose_c")
     groups = np.asarray(groups)
     n_pos = len(np.unique(groups[y == 1]))
-    if n_pos < folds:
-        raise ValueError(f"choose_c: {n_pos} training patient(s) with a malignant lesion, "
-                         f"fewer than the {folds} folds")
+    if n_pos < 2:
+        raise ValueError(f"choose_c: {n_pos} training patient(s) with a malignant lesion: "
+                         f"cross-validation needs at least 2")
+    folds = min(folds, n_pos)
     splits = list(StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed).split(x, y, groups))
     for k, (_, va) in enumerate(splits):
         if y[va].min() == y[va].max():
@@ -256,6 +262,7 @@ def choose_c(x, y, groups, grid=C_GRID, folds: int = FOLDS, seed: int = 0) -> tu
     grid = sorted(float(c) for c in grid)
     aucs = np.array([_path_aucs(x[tr], y[tr], x[va], y[va], grid) for tr, va in splits])   # (folds, C)
     cv = pd.DataFrame({"c": grid, "cv_auc": aucs.mean(0), "cv_auc_sd": aucs.std(0)})
+    cv.attrs["folds"] = folds
     best = cv["cv_auc"].to_numpy()
     return float(cv["c"][int(np.flatnonzero(best >= best.max() - 1e-12)[0])]), cv
 
@@ -276,7 +283,7 @@ def fit_probe(x, y, groups, names=None, grid=C_GRID, folds: int = FOLDS, seed: i
     scaler, lr = model[0], model[1]
     return Probe(names, c, medians, scaler.mean_.copy(), scaler.scale_.copy(), lr.coef_[0].copy(),
                  float(lr.intercept_[0]),
-                 cv, converged, n_imp)
+                 cv, converged, n_imp, cv.attrs["folds"])
 
 
 def coefficients(probe: Probe) -> pd.DataFrame:
@@ -475,7 +482,7 @@ def run_probes(sets: dict, train: pd.DataFrame, test: pd.DataFrame, grid=C_GRID,
         boot_skipped[name] = ci["n_skipped"]
         rows.append({"features": name, "auc": roc_auc(y_te, s), "auc_lo": ci["auc_lo"], "auc_hi": ci["auc_hi"],
                      "pauc": partial_auc(y_te, s, min_tpr), "pauc_lo": ci["pauc_lo"], "pauc_hi": ci["pauc_hi"],
-                     "n_test": len(y_te), "n_malignant": int(y_te.sum()), "c": probe.c,
+                     "n_test": len(y_te), "n_malignant": int(y_te.sum()), "c": probe.c, "folds": probe.folds,
                      "n_imputed_train": probe.n_imputed_train, "n_imputed_test": n_imp_test})
         scores.append(pd.DataFrame({"isic_id": test["isic_id"].to_numpy(), "features": name,
                                     "score": s, "target": y_te}))

@@ -213,9 +213,13 @@ def test_cv_folds_keep_patients_together():
     _, by_lesion = malignancy.choose_c(x, y, np.arange(len(y)), grid)
     assert by_lesion.cv_auc.max() > 0.9
     few = np.zeros(len(y), int)
-    few[:16] = 1                                          # two patients only
-    with pytest.raises(ValueError, match="fewer than the 5 folds"):
-        malignancy.choose_c(x, few, patients)
+    few[:24] = 1                                          # three patients only: three folds
+    _, cv3 = malignancy.choose_c(x, few, patients, grid)
+    assert cv3.attrs["folds"] == 3 and cv.attrs["folds"] == 5
+    one = np.zeros(len(y), int)
+    one[:8] = 1                                           # one patient: nothing to validate on
+    with pytest.raises(ValueError, match="1 training patient.*at least 2"):
+        malignancy.choose_c(x, one, patients)
 
 
 def test_run_probes_rejects_bad_input(study):
