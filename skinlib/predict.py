@@ -367,7 +367,7 @@ def main(argv=None) -> int:
     import argparse
     import os
 
-    from . import config, finetune, study
+    from . import config, finetune, needs, study
 
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--profile", default="default")
@@ -378,6 +378,7 @@ def main(argv=None) -> int:
     # under accelerate launch the profile's threads are shared by the processes on this machine
     config.set_threads(finetune.thread_share(cfg, os.environ.get("LOCAL_WORLD_SIZE", 1)))
     run = config.run_dir(cfg, a.out).resolve()   # as skinlib.run gives it to the notebook
+    needs.exit_if_missing(cfg, needs.from_stage("03_predict"), run)
     acc = study.accelerator()
     frames = stage_predictions(cfg, run, accelerator=acc, progress=not a.quiet)
     for name, f in frames.items():   # every process says what it did: how the work was split

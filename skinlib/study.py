@@ -377,7 +377,7 @@ def main(argv=None) -> int:
     04_embed split across processes (GPUs); then run the notebooks as usual."""
     import argparse
 
-    from . import split
+    from . import needs, split
 
     ap = argparse.ArgumentParser(description=main.__doc__)
     ap.add_argument("--profile", default="default")
@@ -385,6 +385,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     cfg = config.load_profile(a.profile)
     run = config.run_dir(cfg, a.out)
+    needs.exit_if_missing(cfg, needs.from_stage("04_embed"), run)   # MONET, disk: before hours of work
     manifest = split.load_manifest(config.manifest_path(run))
     db = manifest[manifest.split == "train"]
     q = queries(manifest, cfg["embed"]["n_queries"], cfg["seed"])
