@@ -4,6 +4,14 @@ A profile may `inherit` another and override any key; notebook parameters overri
 (None means "take the profile's value"). Every key of every profile file is checked against
 SCHEMA when it is loaded, so a typo or a wrong type stops the run before any stage, naming the
 file and the dotted key. Paths are derived here and nowhere else.
+
+Which way inheritance runs: `paper` inherits `default`, not the reverse. The default is the
+profile every test and every fresh clone runs, so it is complete by construction and checked on
+every run; `paper.yaml` is then exactly the list of where the paper's run departs from it, each
+line with the paper's value, the toy-only settings (vision warm-up, the full-vs-LoRA comparison,
+packing) switched off there by name. The other way round, the default would be a list of toy
+departures from a profile that cannot run here, and a key missing from it would only show on a
+GPU machine.
 """
 from __future__ import annotations
 
