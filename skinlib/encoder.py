@@ -31,6 +31,7 @@ from PIL import Image
 from torch import nn
 
 from . import resumable
+from .model import default_device   # one rule for the device, model.py's
 
 MONET_ID = "chanwkim/monet"
 WEIGHTS = "model.safetensors"
@@ -93,10 +94,6 @@ def resize_square(image, size: int) -> np.ndarray:
     if s != size:
         a = np.asarray(Image.fromarray(np.ascontiguousarray(a)).resize((size, size), Image.BILINEAR))
     return np.ascontiguousarray(a)
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 # ------------------------------------------------------------------------------------ MONET (e)
