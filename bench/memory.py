@@ -132,7 +132,7 @@ def _stage05(run: Path, mode: str, k: int, b: int, peaks: dict, values) -> tuple
     method, the percentile scoring (of the attribute frame `values`)."""
     import numpy as np
 
-    from skinlib import evaluate, study
+    from skinlib import percentiles, study
 
     db_ids, q_ids, vec = study.stored_vectors(run) if mode == "stored" else _whole_vectors(run)
     peaks["after_load"] = peak_bytes()
@@ -140,7 +140,7 @@ def _stage05(run: Path, mode: str, k: int, b: int, peaks: dict, values) -> tuple
     peaks["after_search"] = peak_bytes()
     by_id = values.set_index("isic_id")
     long = study.score(results, by_id.loc[db_ids].reset_index(), by_id.loc[q_ids].reset_index())
-    evaluate.summary(long)
+    percentiles.summary(long)
     return db_ids, q_ids, sum(np.asarray(r).size for r in results.values())
 
 
@@ -206,7 +206,7 @@ def child(run: Path, mode: str, k: int, b: int) -> dict:
     import numpy as np  # noqa: F401
     import pandas as pd
 
-    from skinlib import evaluate, explore, study  # noqa: F401
+    from skinlib import explore, percentiles, study  # noqa: F401
 
     # read before the baseline: the frame is the scoring's input, and the first read_parquet
     # loads pyarrow's libraries (tens of MB that are not the vector work)

@@ -16,7 +16,7 @@ import sys
 import numpy as np
 
 from common import append, best_of, row, show
-from skinlib import evaluate
+from skinlib import percentiles
 
 
 def data(n_db: int, n_q: int, k: int, n_att: int, seed: int = 0):
@@ -40,8 +40,8 @@ def main(argv=None) -> int:
     n_naive = a.naive_queries or (50 if a.quick else 200)
 
     db, qv, rv = data(n_db, n_q, k, n_att)
-    ours_s, fast = best_of(lambda: evaluate.percentile_ranks(db, qv, rv))
-    naive_s, naive = best_of(lambda: evaluate.naive_percentile_ranks(db, qv[:n_naive], rv[:n_naive]))
+    ours_s, fast = best_of(lambda: percentiles.percentile_ranks(db, qv, rv))
+    naive_s, naive = best_of(lambda: percentiles.naive_percentile_ranks(db, qv[:n_naive], rv[:n_naive]))
     if not np.array_equal(fast[:n_naive], naive, equal_nan=True):
         print("MISMATCH between fast and naive percentiles", file=sys.stderr)
         return 1

@@ -5,7 +5,7 @@ of N images (default 50,000) against the same at N/10, peak RSS of each in its o
 
 Extraction: `skinlib.embed.extract` of h_im for every image, read one by one from the release's
 HDF5 file (`qa.ImageCache(keep=False)`), written in 256-image shards, with the embedded default's
-tiny Qwen2-VL. Evaluation: `skinlib.evaluate.percentile_frame` for N/10 queries x 5 retrieved against
+tiny Qwen2-VL. Evaluation: `skinlib.percentiles.percentile_frame` for N/10 queries x 5 retrieved against
 all N database values, 16 attributes. Each child process reports its wall time and its peak RSS
 (getrusage ru_maxrss). The row compares the N run's time with 10x the N/10 run's (ratio ~1: linear
 time); its size column gives both peak RSS figures: memory that does not grow with N stays flat.
@@ -51,7 +51,7 @@ def child_evaluate(data: Path, n: int) -> dict:
     import numpy as np
     import pandas as pd
 
-    from skinlib import attributes, evaluate
+    from skinlib import attributes, percentiles
     frame = pd.read_csv(data / "train-metadata.csv", usecols=["isic_id", *attributes.COLUMNS])
     frame = frame.rename(columns={a.column: a.name for a in attributes.ATTRIBUTES}).iloc[:n]
     rng = np.random.default_rng(0)
@@ -59,7 +59,7 @@ def child_evaluate(data: Path, n: int) -> dict:
     top = rng.choice(frame.isic_id.to_numpy(), size=(len(q), 5))
     base = peak_mb()
     t = time.perf_counter()
-    out = evaluate.percentile_frame(frame, q, top)
+    out = percentiles.percentile_frame(frame, q, top)
     return {"seconds": time.perf_counter() - t, "peak_mb": peak_mb(), "before_mb": base, "n": n,
             "cells": len(out)}
 

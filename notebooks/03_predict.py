@@ -33,8 +33,8 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from IPython.display import Markdown, display
 
-from skinlib import (answer_format, answers, chapter, config, figures, intervals,
-                     metrics, model as models, predict, qa, resumable)
+from skinlib import (answer_format, chapter, config, figures, intervals, metrics,
+                     model as models, predict, qa, replies, resumable)
 
 ch = chapter.open(profile, out, "03_predict", predict={
     "n_images": n_images, "batch_size": batch_size, "constrain": constrain,
@@ -114,7 +114,7 @@ print(f"{len(pred):,} questions, read {' and '.join(frames)}; "
 # `unparsed` column of `r2.csv`), with examples.
 
 # %% tags=["hide-input"]
-bad = answers.unparsed_report(head, by="attribute")
+bad = replies.unparsed_report(head, by="attribute")
 n_bad = int(head.pred.isna().sum())
 print(f"{n_bad} of {len(head):,} {pcfg['reading']} readings ({n_bad / len(head):.2%}) "
       "are not a number")

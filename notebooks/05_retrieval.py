@@ -32,7 +32,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from IPython.display import Markdown, display
 
-from skinlib import chapter, config, evaluate, figures, intervals, resumable, study
+from skinlib import chapter, config, figures, intervals, percentiles, resumable, study
 
 ch = chapter.open(profile, out, "05_retrieval", retrieval={"k": k, "b": b})
 cfg, run, rcfg = ch.cfg, ch.run, ch.cfg["retrieval"]
@@ -69,13 +69,13 @@ percentiles = config.percentiles_path(run)
 percentiles.parent.mkdir(parents=True, exist_ok=True)
 long.to_parquet(resumable.partial_path(percentiles), index=False)
 resumable.commit(percentiles, job, rows=len(long))
-summary = intervals.summary_with_intervals(evaluate.summary(long), long, patient_of,
+summary = intervals.summary_with_intervals(percentiles.summary(long), long, patient_of,
                                            seed=cfg["seed"])
 config.metrics_dir(run).mkdir(parents=True, exist_ok=True)
 resumable.write_csv(summary, config.retrieval_path(run), job)
 print(f"{len(long):,} scored cells -> {percentiles.relative_to(run)}\n"
       f"medians -> {config.retrieval_path(run).relative_to(run)}")
-missing = evaluate.missing_cells(long)
+missing = percentiles.missing_cells(long)
 if missing.n_nan.sum():
     print(f"{int(missing.n_nan.sum())} cells have no value (an excluded attribute "
           "of the query or the retrieved image) and are not scored:")

@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .answers import parse_number
+from .replies import parse_number
 
 
 @dataclass(frozen=True)

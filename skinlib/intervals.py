@@ -159,7 +159,7 @@ def median_intervals(long: pd.DataFrame, patient_of: Mapping, n_boot: int = N_BO
 
 def summary_with_intervals(summary: pd.DataFrame, long: pd.DataFrame, patient_of: Mapping,
                            n_boot: int = N_BOOT, seed: int = 0, level: float = LEVEL) -> pd.DataFrame:
-    """`evaluate.summary`'s table (metrics/retrieval.csv) with `median_lo`, `median_hi`: the
+    """`percentiles.summary`'s table (metrics/retrieval.csv) with `median_lo`, `median_hi`: the
     patient-bootstrap interval of each method's median percentile per attribute."""
     ci = median_intervals(long, patient_of, n_boot, seed, level)
     ci = ci.rename(columns={"lo": "median_lo", "hi": "median_hi"}).drop(columns="median_percentile")

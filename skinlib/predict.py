@@ -1,6 +1,6 @@
 """Attribute prediction (paper §4.2): ask every test image all 16 questions, greedy, batched.
 
-Replies are read with `Attribute.read_answer` (`answers.parse_number`, sign per the registry); a
+Replies are read with `Attribute.read_answer` (`replies.parse_number`, sign per the registry); a
 reply that is not one clean number becomes NaN in `pred`, is kept in the table with its text, and
 is counted per attribute by `metrics.r2_table` (never dropped silently, never a crash).
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import attributes, config, embed, evaluate, resumable, retrieval
+from . import attributes, config, embed, percentiles, resumable, retrieval
 
 PAPER_METHODS = ("image_text", "hierarchical", "image", "image_untuned", "baseline_encoder")
 EXTRA_METHODS = ("multi_attribute", "image_text_sq8")
@@ -163,13 +163,13 @@ def run_methods(db_ids, q_ids, vec: dict, k: int = 5, b: int = 200, candidates=N
 
 
 def score(results: dict, db: pd.DataFrame, q: pd.DataFrame, names=None) -> pd.DataFrame:
-    """Percentile ranks (evaluate.percentile_frame) for every (method, attribute) result; a method
+    """Percentile ranks (percentiles.percentile_frame) for every (method, attribute) result; a method
     without an attribute (image-only ones) is scored on all attributes."""
     names = [a.name for a in attributes.resolve(names)]
     frames = []
     for (method, name), ids in results.items():
         which = names if name is None else [name]
-        frames.append(evaluate.percentile_frame(db, q, ids, names=which, method=method))
+        frames.append(percentiles.percentile_frame(db, q, ids, names=which, method=method))
     long = pd.concat(frames, ignore_index=True)
     long["method"] = long["method"].astype(str)
     long["attribute"] = long["attribute"].astype(str)

@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from skinlib import answers, attributes
+from skinlib import attributes, replies
 
 
 def test_registry_covers_the_papers_16_attributes():
@@ -42,7 +42,7 @@ def test_answer_is_digits_in_the_registry_format(name, value, text):
     att = attributes.get(name)
     assert att.format_answer(value) == text
     assert att.read_answer(att.format_answer(value)) == pytest.approx(value, abs=10 ** -att.decimals)
-    assert answers.parse_number(text) == pytest.approx(float(text))
+    assert replies.parse_number(text) == pytest.approx(float(text))
 
 
 def test_read_answer_inverts_format_answer_sign_included():

@@ -113,13 +113,13 @@ def test_blocks_give_the_same_draws(monkeypatch):
 
 
 def test_summary_gains_the_interval_of_each_median():
-    from skinlib import evaluate
+    from skinlib import percentiles
     rng = np.random.default_rng(6)
     queries = [f"q{i}" for i in range(90)]
     patients = {q: f"P{i // 3}" for i, q in enumerate(queries)}
     long = _long({"image": rng.uniform(0, 100, 90), "image_text": rng.uniform(0, 60, 90)}, queries, patients)
-    s = intervals.summary_with_intervals(evaluate.summary(long), long, patients, n_boot=200)
-    assert list(s.columns[:5]) == evaluate.SUMMARY_COLUMNS and len(s) == 2
+    s = intervals.summary_with_intervals(percentiles.summary(long), long, patients, n_boot=200)
+    assert list(s.columns[:5]) == percentiles.SUMMARY_COLUMNS and len(s) == 2
     assert (s.median_lo <= s.median_percentile).all() and (s.median_percentile <= s.median_hi).all()
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from skinlib import attributes, evaluate, study
+from skinlib import attributes, percentiles, study
 
 
 def synthetic(n_db=300, n_q=40, d=16, seed=0):
@@ -47,7 +47,7 @@ def test_every_method_runs_and_the_grounded_vectors_win_where_they_should():
     assert all(ids.shape == (len(q), 5) for ids in res.values())
     assert set(cost.method) == methods
     long = study.score(res, db, q)
-    summ = evaluate.summary(long)
+    summ = percentiles.summary(long)
     med = summ.pivot(index="attribute", columns="method", values="median_percentile")
     assert med.loc["areaMM2", "image_text"] < med.loc["areaMM2", "image"] < med.loc["areaMM2", "image_untuned"]
     assert med.loc["areaMM2", "image_text"] < 25  # chance is 50

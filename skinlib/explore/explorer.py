@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from skinlib import attributes, config, embed, evaluate, malignancy, retrieval, split, study
+from skinlib import attributes, config, embed, malignancy, percentiles, retrieval, split, study
 
 METHODS = ("image_text", "hierarchical", "image", "image_untuned", "baseline_encoder", "multi_attribute")
 # Methods whose ranking does not depend on the attribute asked (only values and percentiles do).
@@ -215,7 +215,7 @@ class Explorer:
     def percentiles(self, query_ids, ids, names) -> np.ndarray:
         """(Q, k, A) percentiles of the retrieved ids (Q, k) for the attributes `names`."""
         qrows = self.values.loc[list(query_ids)].reset_index()
-        long = evaluate.percentile_frame(self.db, qrows, ids, names=list(names))
+        long = percentiles.percentile_frame(self.db, qrows, ids, names=list(names))
         return long.percentile.to_numpy().reshape(*ids.shape, len(names))  # rows: (query, rank, attribute)
 
     def _percentiles(self, query_ids, ids, attribute: str) -> np.ndarray:

@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from skinlib import attributes, evaluate
+from skinlib import attributes, percentiles
 
 
 def _brute(db, qv, rv):
@@ -41,8 +41,8 @@ def _tied_data(rng, n=300, nq=40, k=5, na=4, nan_rate=0.05):
 def test_fast_equals_naive_equals_brute_with_ties_and_nans():
     rng = np.random.default_rng(0)
     db, qv, rv = _tied_data(rng)
-    fast = evaluate.percentile_ranks(db, qv, rv)
-    naive = evaluate.naive_percentile_ranks(db, qv, rv)
+    fast = percentiles.percentile_ranks(db, qv, rv)
+    naive = percentiles.naive_percentile_ranks(db, qv, rv)
     brute = _brute(db, qv, rv)
     np.testing.assert_array_equal(np.isnan(fast), np.isnan(brute))
     np.testing.assert_array_equal(fast, naive)
@@ -63,8 +63,8 @@ def test_fast_equals_naive_on_awkward_floats(seed):
     db = np.repeat(db, rng.integers(1, 4, size=500), axis=0)  # repeated values
     qv = base + steps * rng.integers(-25, 26, size=(60, 2)) + rng.choice([0, steps / 2], (60, 2))
     rv = db[rng.integers(0, len(db), size=(60, 5))]
-    np.testing.assert_array_equal(evaluate.percentile_ranks(db, qv, rv),
-                                  evaluate.naive_percentile_ranks(db, qv, rv))
+    np.testing.assert_array_equal(percentiles.percentile_ranks(db, qv, rv),
+                                  percentiles.naive_percentile_ranks(db, qv, rv))
 
 
 def test_twin_gets_the_minimum_and_a_self_match_is_positive():
@@ -72,9 +72,9 @@ def test_twin_gets_the_minimum_and_a_self_match_is_positive():
     db = rng.integers(0, 10, size=(200, 3)).astype(float)
     qv = db[:10] + 0.0  # queries that are database rows
     rv = np.stack([db[:10], db[10:20]], axis=1)  # rank 1 = the query's twin
-    p = evaluate.percentile_ranks(db, qv, rv)
+    p = percentiles.percentile_ranks(db, qv, rv)
     # the lowest percentile any database item can get for that query
-    all_db = evaluate.naive_percentile_ranks(db, qv, np.repeat(db[None], 10, axis=0))
+    all_db = percentiles.naive_percentile_ranks(db, qv, np.repeat(db[None], 10, axis=0))
     np.testing.assert_array_equal(p[:, 0, :], all_db.min(axis=1))
     assert (p[:, 0, :] > 0).all()
     assert (p[:, 0, :] <= p[:, 1, :]).all()
@@ -85,27 +85,27 @@ def test_random_retrieval_scores_about_fifty():
     db = rng.normal(size=(5000, 2))
     qv = rng.normal(size=(400, 2))
     rv = db[rng.integers(0, 5000, size=(400, 5))]
-    assert abs(np.nanmean(evaluate.percentile_ranks(db, qv, rv)) - 50) < 3
+    assert abs(np.nanmean(percentiles.percentile_ranks(db, qv, rv)) - 50) < 3
 
 
 def test_shape_errors_are_clear():
     db, qv, rv = np.zeros((10, 3)), np.zeros((4, 3)), np.zeros((4, 5, 3))
     with pytest.raises(ValueError, match="db_values must be 2-D"):
-        evaluate.percentile_ranks(db[:, 0], qv, rv)
+        percentiles.percentile_ranks(db[:, 0], qv, rv)
     with pytest.raises(ValueError, match="retrieved_values must be 3-D"):
-        evaluate.percentile_ranks(db, qv, rv[:, 0])
+        percentiles.percentile_ranks(db, qv, rv[:, 0])
     with pytest.raises(ValueError, match="attribute counts differ"):
-        evaluate.percentile_ranks(db, qv[:, :2], rv)
+        percentiles.percentile_ranks(db, qv[:, :2], rv)
     with pytest.raises(ValueError, match="3 queries, query_values 4"):
-        evaluate.percentile_ranks(db, qv, rv[:3])
+        percentiles.percentile_ranks(db, qv, rv[:3])
     bad = db.copy()
     bad[:, 1] = np.nan
     with pytest.raises(ValueError, match=r"column\(s\) \[1\]"):
-        evaluate.percentile_ranks(bad, qv, rv)
+        percentiles.percentile_ranks(bad, qv, rv)
     bad = db.copy()
     bad[7, 2] = np.inf
     with pytest.raises(ValueError, match=r"infinite.*\(7, 2\)"):
-        evaluate.percentile_ranks(bad, qv, rv)
+        percentiles.percentile_ranks(bad, qv, rv)
 
 
 def _frames(rng, n=120, nq=15):
@@ -124,32 +124,32 @@ def _frames(rng, n=120, nq=15):
 def test_percentile_frame_matches_arrays_and_counts_nans():
     rng = np.random.default_rng(4)
     names, db, q, ids = _frames(rng)
-    long = evaluate.percentile_frame(db, q, ids, names=names, method="image-only")
-    assert list(long.columns) == evaluate.LONG_COLUMNS
+    long = percentiles.percentile_frame(db, q, ids, names=names, method="image-only")
+    assert list(long.columns) == percentiles.LONG_COLUMNS
     assert len(long) == 15 * 5 * 3  # nothing dropped
     pos = {v: i for i, v in enumerate(db.isic_id)}
     rv = db[names].to_numpy()[[[pos[x] for x in row] for row in ids]]
-    ref = evaluate.naive_percentile_ranks(db[names].to_numpy(), q[names].to_numpy(), rv)
+    ref = percentiles.naive_percentile_ranks(db[names].to_numpy(), q[names].to_numpy(), rv)
     got = long.pivot_table(index=["query_id", "rank"], columns="attribute", values="percentile",
                            dropna=False, observed=True)
     np.testing.assert_array_equal(
         got.loc[[(qid, r) for qid in q.isic_id for r in range(1, 6)], names].to_numpy(),
         ref.reshape(-1, 3))
 
-    miss = evaluate.missing_cells(long)
+    miss = percentiles.missing_cells(long)
     assert list(miss.attribute) == names and (miss.n_cells == 75).all()
     assert miss.set_index("attribute").n_nan.to_dict() == {names[0]: 5, names[1]: 1, names[2]: 0}
-    counts = evaluate.db_counts(db, names).set_index("attribute")
+    counts = percentiles.db_counts(db, names).set_index("attribute")
     assert counts.n_db[names[1]] == 119 and counts.n_db_nan[names[1]] == 1
 
 
 def test_summary_layout_and_values():
     rng = np.random.default_rng(5)
     names, db, q, ids = _frames(rng)
-    long = pd.concat([evaluate.percentile_frame(db, q, ids, names=names, method="b"),
-                      evaluate.percentile_frame(db, q, ids[:, ::-1], names=names, method="a")])
-    s = evaluate.summary(long)
-    assert list(s.columns) == evaluate.SUMMARY_COLUMNS
+    long = pd.concat([percentiles.percentile_frame(db, q, ids, names=names, method="b"),
+                      percentiles.percentile_frame(db, q, ids[:, ::-1], names=names, method="a")])
+    s = percentiles.summary(long)
+    assert list(s.columns) == percentiles.SUMMARY_COLUMNS
     assert list(s.method) == ["a"] * 3 + ["b"] * 3
     assert list(s.attribute) == names * 2  # registry order within a method
     for _, row in s.iterrows():
@@ -165,28 +165,28 @@ def test_frame_errors_name_the_problem():
     rng = np.random.default_rng(6)
     names, db, q, ids = _frames(rng)
     with pytest.raises(KeyError, match="nope"):
-        evaluate.percentile_frame(db, q, ids, names=["nope"])
+        percentiles.percentile_frame(db, q, ids, names=["nope"])
     with pytest.raises(KeyError, match=r"database frame: lacks attribute column\(s\) \['A'\]"):
-        evaluate.percentile_frame(db, q, ids, names=names + ["A"])
+        percentiles.percentile_frame(db, q, ids, names=names + ["A"])
     bad = ids.copy()
     bad[1, 1] = "ISIC_missing"
     with pytest.raises(KeyError, match="ISIC_missing"):
-        evaluate.percentile_frame(db, q, bad, names=names)
+        percentiles.percentile_frame(db, q, bad, names=names)
     with pytest.raises(ValueError, match=r"\(Q, k\) with Q = 15"):
-        evaluate.percentile_frame(db, q, ids[:4], names=names)
+        percentiles.percentile_frame(db, q, ids[:4], names=names)
     dup = pd.concat([db, db.iloc[[3]]])
     with pytest.raises(ValueError, match="ISIC_0000003"):
-        evaluate.percentile_frame(dup, q, ids, names=names)
+        percentiles.percentile_frame(dup, q, ids, names=names)
     with pytest.raises(KeyError, match="unknown attribute"):
-        evaluate.summary(pd.DataFrame({"query_id": ["x"], "attribute": ["zz"],
+        percentiles.summary(pd.DataFrame({"query_id": ["x"], "attribute": ["zz"],
                                        "percentile": [1.0], "method": ["m"]}))
 
 
 def test_percentile_frame_ignores_the_frames_index():
     rng = np.random.default_rng(7)
     names, db, q, ids = _frames(rng)
-    plain = evaluate.percentile_frame(db, q, ids, names=names, method="m")
-    odd = evaluate.percentile_frame(db.set_index(db.index[::-1]), q.set_index(q.index * 3 + 7),
+    plain = percentiles.percentile_frame(db, q, ids, names=names, method="m")
+    odd = percentiles.percentile_frame(db.set_index(db.index[::-1]), q.set_index(q.index * 3 + 7),
                                     ids, names=names, method="m")
     pd.testing.assert_frame_equal(plain, odd)
     assert list(plain.query_id[:15]) == [q.isic_id[0]] * 15
