@@ -29,6 +29,7 @@ batch_size = None
 import time
 
 import matplotlib.pyplot as plt
+import numpy as np
 import pandas as pd
 from IPython.display import display
 
@@ -127,8 +128,12 @@ display(tm)
 # attribute is laid out along the embedding's main directions — the grounding the paper is after.
 
 # %% tags=["hide-input"]
-ids_db, arr = study.load_vectors(run, "tuned_db")
-xy = study.pca2(arr["image"])
+# bounded memory at the paper's size: h_im whole (one vector per image), the 16 h_im,a
+# read from their shards one attribute at a time (study.PerAttribute)
+stored_db = study.open_vectors(run, "tuned_db")
+ids_db = list(stored_db.ids)
+image_db = study.Column(stored_db, "image").read(dtype=np.float32)
+xy = study.pca2(image_db)
 vals = db.set_index("isic_id").loc[ids_db]
 fig = figures.embedding_map(xy, vals, ["areaMM2", "deltaL", "Bext", "norm_border"])
 plt.show()
@@ -146,11 +151,13 @@ plt.show()
 # features never held the attribute.
 
 # %% tags=["hide-input"]
-ids_q, arr_q = study.load_vectors(run, "tuned_queries")
+stored_q = study.open_vectors(run, "tuned_queries")
+ids_q = list(stored_q.ids)
+image_q = study.Column(stored_q, "image").read(dtype=np.float32)
 q_vals = q.set_index("isic_id").loc[ids_q]
-kinds = ("image_text", "image")
-read = metrics.readout_table({k: arr[k] for k in kinds}, vals,
-                             {k: arr_q[k] for k in kinds}, q_vals)
+read = metrics.readout_table(
+    {"image_text": study.PerAttribute(stored_db), "image": image_db}, vals,
+    {"image_text": study.PerAttribute(stored_q), "image": image_q}, q_vals)
 answered = pd.read_csv(resumable.verified(config.r2_path(run)))
 answers = answered[["attribute", "r2"]].assign(kind="answers")
 table = pd.concat([answers, read[["attribute", "kind", "r2"]]], ignore_index=True)
@@ -170,7 +177,7 @@ print(f"median R² over the 16 attributes: answers {med['answers']:.2f}, "
 
 # %% tags=["hide-input"]
 asked = tuples.asked_rows(pd.read_parquet(config.tuples_path(run)), ids_db)
-taught = metrics.readout_table({"image": arr["image"]}, vals, {"image": arr_q["image"]},
+taught = metrics.readout_table({"image": image_db}, vals, {"image": image_q},
                                q_vals, fit_rows=asked)
 print(f"read-out of h_im fitted on the images that asked each attribute "
       f"({taught.n_train.min():,} to {taught.n_train.max():,} per attribute, "

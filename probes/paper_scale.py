@@ -319,9 +319,9 @@ def table(a, lay: dict, bench: list[dict]) -> list[dict]:
               f"{min(lay['suffixes'])}-{max(lay['suffixes'])} tokens per image; float16 shards")
     add("04_embed", f"untuned h_im: {N_IMAGES:,} images", gpu=(weights + kv4) / GB, hours=fl(N_IMAGES * image_only),
         disk=shard(N_IMAGES, 1), basis="derived from shapes: vision pass + prefix per image")
-    add("04_embed", f"method (f), one multi-attribute question: {N_IMAGES:,} images (not prefix-shared, not cached)",
+    add("04_embed", f"method (f), one multi-attribute question: {N_IMAGES:,} images (not prefix-shared; sharded and cached)",
         gpu=(weights + kv4) / GB, hours=fl(N_IMAGES * multi), disk=shard(N_IMAGES, 1),
-        basis="derived from shapes: a full forward per image, on one process (the notebook)")
+        basis="derived from shapes: a full forward per image, sharded across processes like the other extractions")
     add("04_embed", f"MONET (CLIP ViT-L/14 image tower): {N_IMAGES:,} images",
         gpu=MONET_PARAMS * 4 / GB + 1, hours=fl(N_IMAGES * 2 * MONET_PARAMS * MONET_TOKENS),
         disk=N_IMAGES * MONET_DIM * 2 / GB, basis="derived from shapes: 304 M parameters, 257 tokens at 224 px")
@@ -330,10 +330,11 @@ def table(a, lay: dict, bench: list[dict]) -> list[dict]:
         basis="derived from shapes, as the fine-tuned extraction: notebook 04 drops its prefix check's copy "
               "and study.extract_all loads the fine-tuned model, then the untuned one in its place "
               "(tests/test_study.py::test_extraction_holds_one_model_at_a_time)")
-    add("04_embed", "as the code stands: the map and the linear read-outs load the fine-tuned vectors whole (host)",
-        host=N_IMAGES * 17 * c["hidden"] * 4 / GB,
-        basis="derived from shapes: study.load_vectors of the fine-tuned database and queries, all 17 kinds "
-              "in float32, for metrics.readout_table (which takes whole arrays)")
+    add("04_embed", "the map and the linear read-outs (host): h_im whole, one attribute's h_im,a at a time",
+        host=(2 * N_IMAGES * c["hidden"] * 4 + c["hidden"] ** 2 * 8 + 3 * 8192 * c["hidden"] * 8) / GB,
+        basis="derived from shapes: h_im of the database and queries and one attribute's image+text "
+              "vectors in float32 (study.PerAttribute), the d x d normal equations and three 8,192-row "
+              "float64 blocks (metrics.ridge_readout_r2 and study.pca2 read in chunks)")
     # 05: host memory from the memory bench, search times from the search bench (CPU) and FLOPs (GPU)
     mem = bench_row(bench, "stage 05 peak memory: whole float32 arrays vs per-attribute streaming")
     d = c["hidden"]

@@ -78,25 +78,38 @@ def worst_cases(pred: pd.DataFrame, names, per_attribute: int = 4) -> pd.DataFra
     return pd.concat(rows, ignore_index=True) if rows else pred.head(0).assign(abs_error=[])
 
 
-def ridge_readout_r2(x_train, y_train, x_test, y_test, lam: float = 1e-2) -> tuple[float, int, int]:
+def ridge_readout_r2(x_train, y_train, x_test, y_test, lam: float = 1e-2,
+                     chunk: int = 8192) -> tuple[float, int, int]:
     """Test R² of a ridge regression from vectors to one attribute: how much of the attribute a
     *linear* read-out of the vectors holds. Features are standardised on the training vectors; the
     penalty is lam x (training rows) on the standardised weights, the intercept unpenalised. Rows
     whose value is NaN (not measured) are left out of the fit and the score, and counted: returns
-    (r2, training rows used, test rows scored)."""
-    xtr, xte = np.asarray(x_train, np.float64), np.asarray(x_test, np.float64)
+    (r2, training rows used, test rows scored).
+
+    The vectors are read `chunk` rows at a time into float64 (means, spreads, the d x d normal
+    equations, the predictions): no float64 copy of the whole input, which at the paper's
+    database (282,564 x 3,584) would be 8 GB per copy."""
+    xtr, xte = np.asarray(x_train), np.asarray(x_test)
     ytr, yte = np.asarray(y_train, np.float64), np.asarray(y_test, np.float64)
     if xtr.ndim != 2 or xte.ndim != 2 or xtr.shape[1] != xte.shape[1]:
         raise ValueError(f"ridge_readout_r2: vectors must be (n, d) with one d, got {xtr.shape} and {xte.shape}")
     if len(ytr) != len(xtr) or len(yte) != len(xte):
         raise ValueError(f"ridge_readout_r2: {len(xtr)} / {len(xte)} vectors but {len(ytr)} / {len(yte)} values")
-    ok, okt = np.isfinite(ytr), np.isfinite(yte)
-    mu, sd = xtr[ok].mean(0), xtr[ok].std(0)
+    ok, okt = np.flatnonzero(np.isfinite(ytr)), np.flatnonzero(np.isfinite(yte))
+    blocks = lambda x, rows: (x[rows[s:s + chunk]].astype(np.float64) for s in range(0, len(rows), chunk))
+    d, n = xtr.shape[1], len(ok)
+    mu = sum(b.sum(0) for b in blocks(xtr, ok)) / n
+    sd = np.sqrt(sum(((b - mu) ** 2).sum(0) for b in blocks(xtr, ok)) / n)   # two passes, as np.std
     sd = np.where(sd > 0, sd, 1.0)
-    a, b = (xtr[ok] - mu) / sd, (xte[okt] - mu) / sd
     ym = ytr[ok].mean()
-    w = np.linalg.solve(a.T @ a + lam * len(a) * np.eye(a.shape[1]), a.T @ (ytr[ok] - ym))
-    return r2_score(yte[okt], b @ w + ym), int(ok.sum()), int(okt.sum())
+    gram, rhs = np.zeros((d, d)), np.zeros(d)
+    for s, b in zip(range(0, n, chunk), blocks(xtr, ok)):
+        a = (b - mu) / sd
+        gram += a.T @ a
+        rhs += a.T @ (ytr[ok[s:s + chunk]] - ym)
+    w = np.linalg.solve(gram + lam * n * np.eye(d), rhs)
+    pred = np.concatenate([((b - mu) / sd) @ w + ym for b in blocks(xte, okt)]) if len(okt) else np.empty(0)
+    return r2_score(yte[okt], pred), int(n), int(len(okt))
 
 
 def readout_table(db_vectors: dict, db_values: pd.DataFrame, query_vectors: dict, query_values: pd.DataFrame,

@@ -176,12 +176,21 @@ def score(results: dict, db: pd.DataFrame, q: pd.DataFrame, names=None) -> pd.Da
     return long
 
 
-def pca2(x: np.ndarray) -> np.ndarray:
-    """The first two principal components (numpy SVD), for the embedding map."""
-    x = np.asarray(x, dtype=np.float64)
-    x = x - x.mean(0)
-    _, _, vt = np.linalg.svd(x, full_matrices=False)
-    return x @ vt[:2].T
+def pca2(x: np.ndarray, chunk: int = 8192) -> np.ndarray:
+    """The first two principal components, for the embedding map: the top eigenvectors of the
+    d x d scatter matrix, accumulated `chunk` rows at a time in float64 (no float64 copy of the
+    whole: 8 GB at the paper's database, and an SVD of it would take minutes). Each component's
+    sign is fixed so its largest loading is positive (an SVD's sign is arbitrary)."""
+    x = np.asarray(x)
+    blocks = lambda: (x[s:s + chunk].astype(np.float64) for s in range(0, len(x), chunk))
+    mu = sum(b.sum(0) for b in blocks()) / len(x)
+    scatter = np.zeros((x.shape[1], x.shape[1]))
+    for b in blocks():
+        b -= mu
+        scatter += b.T @ b
+    top = np.linalg.eigh(scatter)[1][:, ::-1][:, :2]
+    top *= np.sign(top[np.abs(top).argmax(0), [0, 1]])
+    return np.concatenate([(b - mu) @ top for b in blocks()])
 
 
 def load_vectors(run, which: str) -> tuple[list[str], dict]:
@@ -247,6 +256,29 @@ class Column:
         for s in range(0, len(rows), 8192):   # a block at a time: no float16 copy of the whole
             out[s:s + 8192] = self.array[rows[s:s + 8192]]
         return out
+
+
+class PerAttribute:
+    """An extraction's image+text vectors as a (n, 16, d) array is indexed by `xd[:, j]` (j the
+    attribute's place in the registry): attribute j's (n, d) block read from the float16 shards
+    as float32 when asked, so `metrics.readout_table` holds one attribute at a time, never the
+    whole (65 GB for the paper's database)."""
+    ndim = 3
+
+    def __init__(self, stored: embed.StoredEmbeddings):
+        self.stored = stored
+
+    def __len__(self) -> int:
+        return len(self.stored.ids)
+
+    def __getitem__(self, key) -> np.ndarray:
+        rows, j = key if isinstance(key, tuple) and len(key) == 2 else (key, None)
+        if rows != slice(None) or not isinstance(j, (int, np.integer)):
+            raise IndexError("PerAttribute reads one attribute of every image: [:, j]")
+        name = attributes.NAMES[int(j)]
+        if name not in self.stored.names:
+            raise KeyError(f"{self.stored.folder}: no image+text vectors for {name!r}")
+        return self.stored.read("image_text", self.stored.names.index(name), dtype=np.float32)
 
 
 def column(run, name: str, kind: str = "image", ids=None) -> Column:

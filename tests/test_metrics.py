@@ -176,3 +176,23 @@ def test_medians_sentence_per_reading():
     assert metrics.medians_sentence(t, "On 2 images") == (
         "On 2 images: greedy: R² median 0.70, 1 of 2 attributes at 0.70 or more; "
         "median: R² median 0.78, 2 of 2 attributes at 0.70 or more.")
+
+
+def test_ridge_readout_in_chunks_is_the_whole_array_ridge():
+    """Read in blocks of rows (bounded memory), the read-out is the closed-form ridge on the whole
+    standardised matrix, NaN values left out, whatever the block size."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(300, 12)).astype(np.float32) * rng.uniform(0.5, 3, 12) + 4
+    y = x[:, :3].sum(1) + rng.normal(size=300)
+    y[::17] = np.nan
+    tr, te = slice(0, 200), slice(200, 300)
+    ok, okt = np.isfinite(y[tr]), np.isfinite(y[te])
+    xt = x[tr][ok].astype(np.float64)
+    mu, sd = xt.mean(0), xt.std(0)
+    a = (xt - mu) / sd
+    w = np.linalg.solve(a.T @ a + 0.05 * len(a) * np.eye(12), a.T @ (y[tr][ok] - y[tr][ok].mean()))
+    pred = ((x[te][okt] - mu) / sd) @ w + y[tr][ok].mean()
+    want = 1 - ((y[te][okt] - pred) ** 2).sum() / ((y[te][okt] - y[te][okt].mean()) ** 2).sum()
+    for chunk in (7, 64, 10_000):
+        r2, ntr, nte = metrics.ridge_readout_r2(x[tr], y[tr], x[te], y[te], lam=0.05, chunk=chunk)
+        assert r2 == pytest.approx(want, abs=1e-10) and (ntr, nte) == (ok.sum(), okt.sum())

@@ -358,3 +358,42 @@ def test_extraction_holds_one_model_at_a_time(mini_run, tmp_path, monkeypatch):
                          [])["image"].numpy()
     stored = study.open_vectors(run, "untuned_queries").read("image", dtype=np.float32, ids=ids)
     np.testing.assert_allclose(stored, direct, rtol=1e-3, atol=1e-3)   # float16
+
+
+def test_readouts_read_one_attribute_at_a_time_from_the_shards_and_match_the_whole_arrays(tmp_path):
+    """Chapter 4's ridge read-outs on `study.PerAttribute` (attribute j read from the shards when
+    indexed) equal those on the whole (n, 16, d) arrays."""
+    import importlib.util
+    from pathlib import Path
+
+    from skinlib import embed, metrics
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "memory.py"
+    spec = importlib.util.spec_from_file_location("bench_memory", path)
+    memory = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(memory)
+    db, q, vec = synthetic(n_db=200, n_q=40)
+    whole, lazy = {}, {}
+    for part, frame in (("db", db), ("q", q)):
+        half = vec[f"{part}_image_text"].astype(np.float16)
+        folder = memory.write_extraction(tmp_path / part, frame.isic_id, {"image_text": half}, attributes.NAMES,
+                                         shard_size=64)
+        whole[part] = half.astype(np.float32)
+        lazy[part] = study.PerAttribute(embed.open_embeddings(folder))
+    a = metrics.readout_table({"image_text": whole["db"]}, db, {"image_text": whole["q"]}, q)
+    b = metrics.readout_table({"image_text": lazy["db"]}, db, {"image_text": lazy["q"]}, q)
+    pd.testing.assert_frame_equal(a, b)
+    assert len(lazy["db"]) == len(db) and lazy["db"][:, 3].shape == (len(db), whole["db"].shape[-1])
+    with pytest.raises(IndexError, match=r"\[:, j\]"):
+        lazy["db"][:10, 3]
+
+
+def test_pca2_in_chunks_gives_the_svd_components_up_to_sign():
+    rng = np.random.default_rng(5)
+    x = (rng.normal(size=(500, 10)) * np.arange(10, 0, -1)).astype(np.float32) + 3
+    c = x.astype(np.float64) - x.mean(0, dtype=np.float64)
+    want = c @ np.linalg.svd(c, full_matrices=False)[2][:2].T
+    for chunk in (33, 8192):
+        got = study.pca2(x, chunk=chunk)
+        np.testing.assert_allclose(np.abs(got), np.abs(want), rtol=1e-6, atol=1e-6)
+        assert np.allclose(got / want, np.sign(got / want)[0])   # a whole component flips, or none
