@@ -65,15 +65,15 @@ results, cost = study.run_methods(db_ids, q_ids, vec, k=rcfg["k"], b=rcfg["b"],
 long = study.score(results, db_frame, q_frame)
 # written whole and sealed, so chapter 7 and the side studies can tell them unaltered
 job = resumable.job_key({"retrieval": rcfg, "queries": q_ids, "database": db_ids})
-percentiles = config.percentiles_path(run)
-percentiles.parent.mkdir(parents=True, exist_ok=True)
-long.to_parquet(resumable.partial_path(percentiles), index=False)
-resumable.commit(percentiles, job, rows=len(long))
+scored = config.percentiles_path(run)
+scored.parent.mkdir(parents=True, exist_ok=True)
+long.to_parquet(resumable.partial_path(scored), index=False)
+resumable.commit(scored, job, rows=len(long))
 summary = intervals.summary_with_intervals(percentiles.summary(long), long, patient_of,
                                            seed=cfg["seed"])
 config.metrics_dir(run).mkdir(parents=True, exist_ok=True)
 resumable.write_csv(summary, config.retrieval_path(run), job)
-print(f"{len(long):,} scored cells -> {percentiles.relative_to(run)}\n"
+print(f"{len(long):,} scored cells -> {scored.relative_to(run)}\n"
       f"medians -> {config.retrieval_path(run).relative_to(run)}")
 missing = percentiles.missing_cells(long)
 if missing.n_nan.sum():
