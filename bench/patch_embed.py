@@ -83,7 +83,7 @@ def main(argv=None) -> int:
             same = (out_c == out_l) if isinstance(out_c, list) else float((torch.as_tensor(out_c) - torch.as_tensor(out_l)).abs().max())
             note = ("replies identical" if same is True else "replies differ" if same is False
                     else f"max |difference| {same:.1e}")
-            rows.append(row(f"patch embedding, Conv3d vs the same weights as a matrix product: {name}",
+            rows.append(row(f"{name}: patch embedding as Conv3d vs the same weights as a matrix product",
                             f"tiny Qwen2-VL, CPU {a.threads} thread(s), {size}; {note}", conv_s, lin_s))
     show(rows)
     append(rows)
