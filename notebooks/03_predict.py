@@ -181,15 +181,18 @@ display(Markdown(metrics.r2_parts_sentence(parts, head, ch.train)))
 # N-image phantom, but the patient split is drawn anew, so the test images differ between sizes
 # and the 95% intervals (test patients resampled) say how much that alone can move an R². The
 # median over the attributes is drawn without an interval (the intervals are per attribute).
-# The larger sizes take hours on two cores and are left to the same command with
-# `--sizes 700 3500 10000 30000`.
+# The larger sizes are not yet run: `--sizes 700 3500 10000 30000` adds them to the same CSV
+# (hours on two cores: fine-tuning and the CNN reader grow with the training images; finished
+# sizes are reused).
 
 # %% tags=["hide-input"]
 scale_csv = config.scale_r2_path()
-if not cfg["name"].startswith("default") or not scale_csv.exists():
-    print(f"no scale study for the {cfg['name']!r} profile here: "
-          f"`python probes/scale_study.py --sizes 700 3500 --reuse 3500=runs/default` "
-          f"writes it to {config.shown(scale_csv)}")
+make = "python probes/scale_study.py --sizes 700 3500 --reuse 3500=runs/default"
+if not cfg["name"].startswith("default"):
+    print(f"no scale study for the {cfg['name']!r} profile "
+          f"({config.shown(scale_csv)} holds the embedded default's)")
+elif not scale_csv.exists():
+    print(f"{config.shown(scale_csv)} is not there yet: `{make}` writes it")
 else:
     who = {"qwen_median": "tiny Qwen2-VL, median reading",
            "qwen_greedy": "tiny Qwen2-VL, greedy", "cnn": "CNN reader"}
@@ -229,7 +232,8 @@ else:
             .reset_index())
     display(Markdown("Wall time on 2 shared CPU cores, per size (chain: data, "
                      "fine-tuning and prediction; CNN: loading, training, scoring); "
-                     "`code` is the commit of the checkout that held the run."))
+                     "`code` is the commit of the checkout that held the run (a size "
+                     "reused from another checkout was made by that code)."))
     display(runs)
 
 # %% [markdown]

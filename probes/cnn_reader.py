@@ -1,7 +1,7 @@
 """Side measurement (not part of the book run): what a purpose-built CNN reads from the pictures.
 
-Chapter 2 compares the tiny Qwen2-VL vision tower with it, and probes/scale_study.py runs it at
-several training sizes. A small convolutional network is trained from scratch on a run's training
+probes/scale_study.py runs it beside the tiny Qwen2-VL at several training sizes (chapter 3 shows
+the result). A small convolutional network is trained from scratch on a run's training
 images, every attribute of every image (not only the W drawn per image), with random quarter-turns
 and flips: at the model's 112 x 112 (bicubic, as the image processor resizes) or at the crop's own
 pixels (centred on a 160 x 160 canvas). It is scored on the same test images and (image,

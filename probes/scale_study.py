@@ -18,8 +18,8 @@ run's training images), n_images (the phantom's), n_test (test images scored), m
 them; cnn for the CNN reader), r2, r2_lo, r2_hi (the chain's: skinlib.intervals.r2_intervals, 95%,
 resampling test patients), wall_s (for the qwen rows the chain's seconds from the data chapter to
 the prediction chapter, both readings together; for the cnn rows its loading, training and
-scoring), run and code (the commit of the checkout holding the run when the study read it,
-"+changes" where skinlib/ or notebooks/ had uncommitted edits). Chapter 3 reads it.
+scoring), run and code (the last commit of the checkout holding the run before its prediction
+stage finished). Chapter 3 reads it.
 
 Which test images. Each run scores its own test split: the profile's `predict.n_images` (500) test
 images drawn from it with the profile's seed, or all of them where the split has fewer (about 300
@@ -88,16 +88,13 @@ def chain_seconds(run) -> float:
 
 
 def code_of(run) -> str:
-    """The commit of the checkout holding `run`, '+changes' if its code has uncommitted edits."""
-    git = ["git", "-C", str(Path(run).resolve())]
-    head = subprocess.run(git + ["rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    if head.returncode:
-        return "unknown"
-    top = subprocess.run(git + ["rev-parse", "--show-toplevel"], capture_output=True,
-                         text=True).stdout.strip()
-    dirty = subprocess.run(["git", "-C", top, "status", "--porcelain", "--", "skinlib",
-                            "notebooks"], capture_output=True, text=True).stdout.strip()
-    return head.stdout.strip() + ("+changes" if dirty else "")
+    """The last commit of the checkout holding `run` before its prediction stage finished (by
+    the stage's stamp; edits not committed then are not seen), or 'unknown'."""
+    info = resumable.read_json(config.stage_stamp_path(run, STAGES[-1])) or {}
+    got = subprocess.run(["git", "-C", str(Path(run).resolve()), "log", "-1", "--format=%h",
+                          f"--before={info.get('finished', 'now')}"],
+                         capture_output=True, text=True)
+    return got.stdout.strip() if got.returncode == 0 and got.stdout.strip() else "unknown"
 
 
 def run_label(run) -> str:

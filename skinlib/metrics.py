@@ -268,8 +268,9 @@ def scale_sentence(table: pd.DataFrame, labels: dict | None = None, hardest=None
     """A scale table (n_train, model, attribute, r2, r2_lo, r2_hi) in words, per model: the
     median R² over the attributes at each size and its change per tenfold of training images
     (a least-squares line on log10 n_train), whether the `hardest` attributes moved beyond their
-    95% intervals between the smallest and the largest size, and, cautiously, what a straight line
-    on the log axis would give at the paper's `paper_n` (a direction, not a forecast)."""
+    95% intervals between the smallest and the largest size, and, cautiously, what that line
+    carried on would give at the paper's `paper_n`, or at what size it would reach R² = 1 if that
+    comes first (a direction, not a forecast)."""
     labels = labels or {}
     need = {"n_train", "model", "attribute", "r2", "r2_lo", "r2_hi"}
     if need - set(table.columns):
@@ -296,18 +297,25 @@ def scale_sentence(table: pd.DataFrame, labels: dict | None = None, hardest=None
         if moves:
             text += "; " + "; ".join(moves)
         parts.append(text)
-        ahead.append((name, float(med.iloc[-1] + slope * np.log10(paper_n / med.index[-1])),
-                      int(med.index[-1]), len(med)))
+        ahead.append((name, slope, float(med.iloc[-1]), int(med.index[-1]), len(med)))
     out = ". ".join(parts) + "."
     if not ahead:
         return out + (f" With one size there is no trend to carry towards the paper's "
                       f"{paper_n:,} training images.")
-    top, n_sizes = max(a[2] for a in ahead), min(a[3] for a in ahead)
-    out += (f" The paper trained on {paper_n:,} images, {np.log10(paper_n / top):.1f} decades "
-            f"beyond the largest size here. Carried on as a straight line on the log axis, the "
-            "median would reach " + ", ".join(
-                f"{min(v, 1.0):.2f}{' (capped: R² cannot pass 1)' if v > 1 else ''} for {n}"
-                for n, v, _, _ in ahead)
-            + f" there: a direction, not a forecast, drawn from {n_sizes} sizes; such curves "
-            "flatten as they near what the pictures hold, and nothing measured here says where.")
-    return out
+    said = []
+    for name, slope, m, n, _ in ahead:
+        at_paper = m + slope * np.log10(paper_n / n)
+        if slope <= 0:
+            said.append(f"for {name}, no rise to carry on")
+        elif at_paper >= 1:
+            one = n * 10 ** ((1 - m) / slope)
+            said.append(f"for {name}, R² = 1 at about {float(f'{one:.2g}'):,.0f} training images")
+        else:
+            said.append(f"for {name}, {at_paper:.2f} at the paper's size")
+    top, n_sizes = max(a[3] for a in ahead), min(a[4] for a in ahead)
+    return out + (
+        f" The paper trained on {paper_n:,} images, {np.log10(paper_n / top):.1f} decades "
+        "beyond the largest size here. Carried on as a straight line on the log axis, the median "
+        "would reach: " + "; ".join(said) + ". R² cannot pass 1, so where a line reaches it before the paper's "
+        f"size the gain must slow down first: a direction drawn from {n_sizes} sizes, not a "
+        "forecast, and nothing measured here says where the curves flatten.")

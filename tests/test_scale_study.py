@@ -105,7 +105,7 @@ def test_the_sentence_gives_the_slope_per_tenfold_and_the_intervals_verdict():
     assert "CNN reader: R² median" in text and f"{got[10000]:.2f} at 10,000" in text
     assert "B 0.00 → 0.30, up beyond its intervals" in text
     ahead = got[10000] + slope * np.log10(282_564 / 10000)
-    assert f"reach {ahead:.2f} for CNN reader" in text
+    assert ahead < 1 and f"for CNN reader, {ahead:.2f} at the paper's size" in text
     assert f"{np.log10(282_564 / 10000):.1f} decades" in text
     # within noise: the interval at the largest size overlaps the smallest's
     flat = metrics.scale_sentence(_scale(sizes, medians, {700: 0.0, 3500: 0.0, 10000: 0.05}),
@@ -114,8 +114,15 @@ def test_the_sentence_gives_the_slope_per_tenfold_and_the_intervals_verdict():
 
 
 def test_the_sentence_caps_a_line_past_one_and_says_one_size_has_no_trend():
-    steep = metrics.scale_sentence(_scale([700, 3500], [0.5, 0.9], {700: 0.5, 3500: 0.9}))
-    assert "1.00 (capped: R² cannot pass 1)" in steep
+    table = _scale([700, 3500], [0.5, 0.9], {700: 0.5, 3500: 0.9})
+    steep = metrics.scale_sentence(table)
+    got = table.groupby("n_train").r2.median()
+    slope = (got[3500] - got[700]) / np.log10(3500 / 700)
+    one = 3500 * 10 ** ((1 - got[3500]) / slope)     # where the line crosses 1
+    assert f"for cnn, R² = 1 at about {float(f'{one:.2g}'):,.0f} training images" in steep
+    assert "R² cannot pass 1" in steep
+    falling = metrics.scale_sentence(_scale([700, 3500], [0.6, 0.5], {700: 0.5, 3500: 0.5}))
+    assert "for cnn, no rise to carry on" in falling
     one = metrics.scale_sentence(_scale([700], [0.5], {700: 0.5}))
     assert "one size: no trend yet" in one and "no trend to carry" in one
     with pytest.raises(KeyError, match="r2_hi"):
