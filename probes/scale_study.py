@@ -16,10 +16,11 @@ It writes probes/results/scale_r2.csv: one row per (size, model, attribute) with
 run's training images), n_images (the phantom's), n_test (test images scored), model
 (qwen_<reading> for each reading the chain scored, the profile's headline `predict.reading` among
 them; cnn for the CNN reader), r2, r2_lo, r2_hi (the chain's: skinlib.intervals.r2_intervals, 95%,
-resampling test patients), wall_s (for the qwen rows the chain's seconds from the data chapter to
-the prediction chapter, both readings together; for the cnn rows its loading, training and
-scoring), run and code (the last commit of the checkout holding the run before its prediction
-stage finished). Chapter 3 reads it.
+resampling test patients), wall_s (for the qwen rows the chain's seconds from the data chapter
+to the prediction chapter, both readings together, per stage the longest run of it the study has
+seen, as a rerun after a code change reuses finished parts; for the cnn rows its loading,
+training and scoring), run and code (the last commit of the checkout holding the run before its
+prediction stage finished). Chapter 3 reads it.
 
 Which test images. Each run scores its own test split: the profile's `predict.n_images` (500) test
 images drawn from it with the profile's seed, or all of them where the split has fewer (about 300
@@ -75,16 +76,19 @@ def run_size(n_train: int, root: Path) -> tuple[Path, str]:
     return out, profile
 
 
-def chain_seconds(run) -> float:
-    """Seconds the chain's stamps record for the stages of the study."""
-    total = 0.0
+def chain_seconds(run, record: Path) -> float:
+    """Seconds of the study's stages in `run`: per stage the longest run of it that `record` (a
+    JSON file in the study's folder) has seen, since a stage rerun after a code change reuses
+    its finished parts and its stamp then holds only the shorter rerun."""
+    seen = resumable.read_json(record) or {}
     for stage in STAGES:
         info = resumable.read_json(config.stage_stamp_path(run, stage))
         if info is None:
             raise FileNotFoundError(f"{config.stage_stamp_path(run, stage)}: no stamp; "
                                     "the stage has not finished in this run")
-        total += float(info["seconds"])
-    return total
+        seen[stage] = max(float(seen.get(stage, 0.0)), float(info["seconds"]))
+    resumable.write_json(record, seen)
+    return sum(seen[stage] for stage in STAGES)
 
 
 def code_of(run) -> str:
@@ -198,7 +202,8 @@ def main(argv=None) -> int:
         meta = {"n_train": int(cnn.n_train.iloc[0]), "n_images": cfg["data"]["n_images"],
                 "n_test": int(cnn.n_test.iloc[0]), "run": run_label(run),
                 "code": code_of(run)}
-        parts.append(qwen_rows(r2, {**meta, "wall_s": round(chain_seconds(run), 1)}))
+        wall = chain_seconds(run, root / f"wall-n{size}.json")
+        parts.append(qwen_rows(r2, {**meta, "wall_s": round(wall, 1)}))
         parts.append(cnn_rows(cnn, {**meta, "wall_s": float(cnn.wall_s.iloc[0])}))
     table = assemble(parts)
     if len(runs) > 1:

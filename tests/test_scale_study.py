@@ -176,3 +176,19 @@ def test_the_cnn_reader_scores_the_chains_rows_of_a_run(tiny_run):
             cnn_reader.read_run(tiny_run, "default", epochs=1, threads=1, log=lambda m: None)
     finally:
         path.unlink()
+
+
+def test_the_wall_time_keeps_each_stages_longest_run(tmp_path):
+    run, record = tmp_path / "run", tmp_path / "wall.json"
+
+    def stamps(seconds):
+        for stage, s in zip(scale_study.STAGES, seconds):
+            resumable.write_json(config.stage_stamp_path(run, stage), {"seconds": s})
+
+    stamps([50.0, 360.0, 70.0])
+    assert scale_study.chain_seconds(run, record) == 480.0
+    stamps([15.0, 24.0, 90.0])   # a rerun that reused the first two stages' work
+    assert scale_study.chain_seconds(run, record) == 50.0 + 360.0 + 90.0
+    config.stage_stamp_path(run, scale_study.STAGES[0]).unlink()
+    with pytest.raises(FileNotFoundError, match="01_data"):
+        scale_study.chain_seconds(run, record)
