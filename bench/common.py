@@ -129,3 +129,21 @@ def show(rows) -> None:
     for r in rows:
         print("  ".join(str(r[c]).ljust(width[c]) for c in cols))
     print(f"[{rows[0]['machine']}; {rows[0]['date']}]")
+
+
+def tiny_training_setup(root, n_images: int, w: int = 5):
+    """What the training benchmarks share, in `root`: an `n_images` phantom, the tiny Qwen2-VL
+    (built, saved, loaded), every image encoded once, W tuples per image and the collate.
+    Returns a namespace: path, ds, loaded, cache, tuples, collate."""
+    from types import SimpleNamespace
+
+    from skinlib import model as models, phantom, qa, slice3d, tuples
+
+    phantom.generate(n_images, f"{root}/ph", seed=0, workers=1, progress=False)
+    ds = slice3d.Slice3D(f"{root}/ph/train-image.hdf5", f"{root}/ph/train-metadata.csv")
+    path = models.build_tiny(f"{root}/tiny")
+    loaded = models.load(path)
+    cache = qa.ImageCache(ds, loaded.image_processor).fill(ds.ids, progress=False)
+    return SimpleNamespace(path=path, ds=ds, loaded=loaded, cache=cache,
+                           tuples=tuples.sample_tuples(ds.attribute_frame(), w=w, seed=0),
+                           collate=qa.collate(loaded.tokenizer, loaded.image_processor))

@@ -14,12 +14,11 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import types
 
 import torch
 
-from common import append, row, show, side_by_side
-from skinlib import model as models, phantom, predict, qa, slice3d, tuples, warmup
+from common import append, row, show, side_by_side, tiny_training_setup
+from skinlib import attributes, model as models, predict, qa, warmup
 from skinlib.loss import labelled_loss
 
 
@@ -38,13 +37,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(a.threads)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        phantom.generate(64, f"{tmp}/ph", seed=0, workers=1, progress=False)
-        ds = slice3d.Slice3D(f"{tmp}/ph/train-image.hdf5", f"{tmp}/ph/train-metadata.csv")
-        path = models.build_tiny(f"{tmp}/tiny")
-        loaded = models.load(path)
-        cache = qa.ImageCache(ds, loaded.image_processor).fill(ds.ids, progress=False)
-        data = qa.TupleDataset(tuples.sample_tuples(ds.attribute_frame(), w=5, seed=0), cache, packed=True)
-        collate = qa.collate(loaded.tokenizer, loaded.image_processor)
+        t = tiny_training_setup(tmp, 64)
+        path, ds, loaded, cache, collate = t.path, t.ds, t.loaded, t.cache, t.collate
+        data = qa.TupleDataset(t.tuples, cache, packed=True)
         batches = [collate([data[(s * 8 + j) % len(data)] for j in range(8)]) for s in range(a.steps)]
 
         def train_steps(model):
@@ -65,7 +60,7 @@ def main(argv=None) -> int:
             vis.zero_grad(set_to_none=True)
             return out.detach()
 
-        questions = [att.question for att in __import__("skinlib").attributes.resolve(None)]
+        questions = [att.question for att in attributes.resolve(None)]
         rows_q = [questions[j % len(questions)] for j in range(64)]
         imgs = [cache[ds.ids[j // 16]] for j in range(64)]
 

@@ -22,8 +22,8 @@ import time
 
 import torch
 
-from common import append, row, show
-from skinlib import model as models, phantom, qa, slice3d, tuples
+from common import append, row, show, tiny_training_setup
+from skinlib import model as models, qa
 from skinlib.loss import labelled_loss
 
 COMPUTE = ("mm", "addmm", "bmm", "matmul", "linear", "scaled_dot_product", "convolution", "conv")
@@ -52,15 +52,10 @@ def cpu_flags() -> str:
 
 
 def batches(root, n_batches: int, batch_size: int = 8):
-    phantom.generate(max(64, batch_size * 4), f"{root}/ph", seed=0, workers=1, progress=False)
-    ds = slice3d.Slice3D(f"{root}/ph/train-image.hdf5", f"{root}/ph/train-metadata.csv")
-    path = models.build_tiny(f"{root}/tiny")
-    loaded = models.load(path)
-    cache = qa.ImageCache(ds, loaded.image_processor).fill(ds.ids, progress=False)
-    data = qa.TupleDataset(tuples.sample_tuples(ds.attribute_frame(), w=5, seed=0), cache, packed=True)
-    collate = qa.collate(loaded.tokenizer, loaded.image_processor)
-    return path, [collate([data[(s * batch_size + j) % len(data)] for j in range(batch_size)])
-                  for s in range(n_batches)]
+    t = tiny_training_setup(root, max(64, batch_size * 4))
+    data = qa.TupleDataset(t.tuples, t.cache, packed=True)
+    return t.path, [t.collate([data[(s * batch_size + j) % len(data)] for j in range(batch_size)])
+                    for s in range(n_batches)]
 
 
 def stepper(model, bf16: bool = False):

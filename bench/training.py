@@ -17,8 +17,8 @@ import time
 
 import torch
 
-from common import append, row, show
-from skinlib import model as models, phantom, qa, slice3d, tuples
+from common import append, row, show, tiny_training_setup
+from skinlib import model as models, qa
 
 
 def seconds_per_tuple(loaded, data, batch_size, steps, count):
@@ -48,12 +48,8 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     with tempfile.TemporaryDirectory() as tmp:
-        phantom.generate(200, f"{tmp}/ph", seed=0, workers=1, progress=False)
-        ds = slice3d.Slice3D(f"{tmp}/ph/train-image.hdf5", f"{tmp}/ph/train-metadata.csv")
-        path = models.build_tiny(f"{tmp}/tiny")
-        loaded = models.load(path)
-        cache = qa.ImageCache(ds, loaded.image_processor).fill(ds.ids, progress=False)
-        tup = tuples.sample_tuples(ds.attribute_frame(), w=5, seed=0)
+        t = tiny_training_setup(tmp, 200)
+        path, loaded, cache, tup = t.path, t.loaded, t.cache, t.tuples
         count = qa.tuple_counter(loaded.tokenizer)
         single = seconds_per_tuple(loaded, qa.TupleDataset(tup, cache), 8, a.steps, count)
         loaded = models.load(path)
