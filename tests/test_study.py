@@ -129,18 +129,24 @@ def test_two_launched_cpu_processes_split_the_shards(tmp_path):
     assert sorted(shards) == list(range(7)), seen  # every shard once, none twice
 
 
-def test_hierarchical_reads_the_stored_candidates_of_a_stored_extraction(tmp_path):
-    """run_methods on `embed.StoredEmbeddings` (one attribute read at a time) gives what it gives
-    on the whole arrays, every method, the hierarchical one re-ranking by the stored vectors."""
+def bench_memory():
+    """bench/memory.py as a module: its `write_extraction` writes the real shard format."""
     import importlib.util
     from pathlib import Path
-
-    from skinlib import embed
 
     path = Path(__file__).resolve().parents[1] / "bench" / "memory.py"
     spec = importlib.util.spec_from_file_location("bench_memory", path)
     memory = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(memory)
+    return memory
+
+
+def test_hierarchical_reads_the_stored_candidates_of_a_stored_extraction(tmp_path):
+    """run_methods on `embed.StoredEmbeddings` (one attribute read at a time) gives what it gives
+    on the whole arrays, every method, the hierarchical one re-ranking by the stored vectors."""
+    from skinlib import embed
+
+    memory = bench_memory()
     db, q, vec = synthetic(n_db=200, n_q=20)
     half = {k: v.astype(np.float16) for k, v in vec.items()}
     stored = {}
@@ -363,15 +369,9 @@ def test_extraction_holds_one_model_at_a_time(mini_run, tmp_path, monkeypatch):
 def test_readouts_read_one_attribute_at_a_time_from_the_shards_and_match_the_whole_arrays(tmp_path):
     """Chapter 4's ridge read-outs on `study.PerAttribute` (attribute j read from the shards when
     indexed) equal those on the whole (n, 16, d) arrays."""
-    import importlib.util
-    from pathlib import Path
-
     from skinlib import embed, metrics
 
-    path = Path(__file__).resolve().parents[1] / "bench" / "memory.py"
-    spec = importlib.util.spec_from_file_location("bench_memory", path)
-    memory = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(memory)
+    memory = bench_memory()
     db, q, vec = synthetic(n_db=200, n_q=40)
     whole, lazy = {}, {}
     for part, frame in (("db", db), ("q", q)):
