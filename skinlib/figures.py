@@ -283,7 +283,7 @@ def stage_shares(stages: pd.DataFrame, goal_s: float | None = None):
         raise ValueError("stage_shares: no stages")
     total = float(stages.seconds.sum())
     fig, (ax, tot) = plt.subplots(2, 1, figsize=(PAGE_WIDTH, 0.3 * len(stages) + 1.6),
-                                  height_ratios=[len(stages), 1.4], sharex=False)
+                                  height_ratios=[len(stages), 1.4])
     ax.barh(stages.stage, stages.seconds, color="C0")
     for i, sec in enumerate(stages.seconds):
         ax.text(sec, i, f" {sec:.0f} s ({sec / total:.0%})", va="center", fontsize=8)

@@ -99,15 +99,15 @@ def ridge_readout_r2(x_train, y_train, x_test, y_test, lam: float = 1e-2,
     blocks = lambda x, rows: (x[rows[s:s + chunk]].astype(np.float64) for s in range(0, len(rows), chunk))
     d, n = xtr.shape[1], len(ok)
     mu = sum(b.sum(0) for b in blocks(xtr, ok)) / n
-    sd = np.sqrt(sum(((b - mu) ** 2).sum(0) for b in blocks(xtr, ok)) / n)   # two passes, as np.std
-    sd = np.where(sd > 0, sd, 1.0)
     ym = ytr[ok].mean()
-    gram, rhs = np.zeros((d, d)), np.zeros(d)
+    gram, rhs = np.zeros((d, d)), np.zeros(d)   # of the centred vectors
     for s, b in zip(range(0, n, chunk), blocks(xtr, ok)):
-        a = (b - mu) / sd
-        gram += a.T @ a
-        rhs += a.T @ (ytr[ok[s:s + chunk]] - ym)
-    w = np.linalg.solve(gram + lam * n * np.eye(d), rhs)
+        b -= mu
+        gram += b.T @ b
+        rhs += b.T @ (ytr[ok[s:s + chunk]] - ym)
+    sd = np.sqrt(np.diag(gram) / n)             # the spreads are the scatter's diagonal
+    sd = np.where(sd > 0, sd, 1.0)
+    w = np.linalg.solve(gram / np.outer(sd, sd) + lam * n * np.eye(d), rhs / sd)
     pred = np.concatenate([((b - mu) / sd) @ w + ym for b in blocks(xte, okt)]) if len(okt) else np.empty(0)
     return r2_score(yte[okt], pred), int(n), int(len(okt))
 
