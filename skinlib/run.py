@@ -311,11 +311,14 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if a.p and not a.notebook:
         ap.error("-p needs --notebook (the chain's parameters are the profile's)")
-    # On Ctrl-C the kernel dies with the runner, and nbclient (through traitlets' logger) and
-    # asyncio log its last words to the terminal; a stage's real failures reach StageFailed and
-    # the executed notebook, so those loggers say nothing here.
+    # On Ctrl-C the kernel dies with the runner, and nbclient (through traitlets' logger, or the
+    # 'papermill' logger papermill hands it) and asyncio log its last words to the terminal; a
+    # stage's real failures reach StageFailed and the executed notebook, so those loggers say
+    # nothing here. Of papermill's own records only nbclient's dead-kernel line goes: a dead
+    # kernel is a DeadKernelError, reported as the stage's failure (or as the interruption).
     for name in ("traitlets", "asyncio"):
         logging.getLogger(name).setLevel(logging.CRITICAL)
+    logging.getLogger("papermill").addFilter(lambda r: not r.getMessage().startswith("Kernel died"))
     try:
         if a.notebook:
             params = {k: _parameter_value(v) for k, v in a.p}

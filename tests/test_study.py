@@ -249,10 +249,12 @@ def test_two_launched_processes_predict_what_one_does_and_an_interrupted_run_red
         "from test_study import sharded_readings\n"
         "acc = study.accelerator()\n"
         "got = sharded_readings(Path(sys.argv[1]), Path(sys.argv[2]), acc)\n"
-        "print('RESULT ' + json.dumps({'index': acc.process_index, 'of': acc.num_processes,\n"
-        "                              **{k: f.attrs['computed'] for k, f in got.items()}}), flush=True)\n")
-    out = _launch(2, [str(script), str(run), str(tmp_path / "two")])
-    said = [json.loads(line[7:]) for line in out.splitlines() if line.startswith("RESULT ")]
+        # a file per process: two processes printing to one pipe can interleave their lines
+        "Path(sys.argv[3], f'result-{acc.process_index}.json').write_text(json.dumps(\n"
+        "    {'index': acc.process_index, 'of': acc.num_processes,\n"
+        "     **{k: f.attrs['computed'] for k, f in got.items()}}))\n")
+    _launch(2, [str(script), str(run), str(tmp_path / "two"), str(tmp_path)])
+    said = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("result-*.json"))]
     one = sharded_readings(run, tmp_path / "one")
     n = len(one["greedy"].isic_id.unique())
     assert n >= 4 and sorted(s["index"] for s in said) == [0, 1] and all(s["of"] == 2 for s in said), said
